@@ -1,0 +1,167 @@
+"""GPT-2, in one file: the model of the seed project (and of OpenAI's GPT-2), sized by `[architecture]`.
+
+    token + position embeddings -> N x [x + attn(ln_1(x)), x + mlp(ln_2(x))] -> ln_f -> logits (tied to wte)
+
+Parameter names and shapes are OpenAI GPT-2's / Hugging Face GPT2LMHeadModel's, biases included, so that
+importing or exporting GPT-2 weights is a renaming with two details:
+  * OpenAI's `Conv1D` stores weights as (in, out); our `nn.Linear` stores (out, in): transpose
+    attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights;
+  * wte has PADDED_VOCAB_SIZE rows (50,257 rounded up to a multiple of 64, for fast matmuls); the rows past
+    50,257 are zero, never an input, and their logits are sliced off, so they never win: export
+    wte[:50257], import by copying into the first 50,257 rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import VOCAB_SIZE, Architecture
+
+PADDED_VOCAB_SIZE = (VOCAB_SIZE + 63) // 64 * 64  # 50,304
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 .. pos-1, for generation one step at a time.
+
+    k, v: (N, batch, h, max_len, d_k). `GPT.forward(idx, kv_cache)` reads idx as the tokens at positions
+    pos .. pos+T-1, appends their keys and values and advances pos by T.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, h: int, max_len: int, d_k: int, device, dtype):
+        shape = (n_layer, batch_size, h, max_len, d_k)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def reorder(self, index: torch.LongTensor) -> None:
+        """Keep (and reorder, repeat) the batch rows `index`: beam search's reshuffle of its beams."""
+        index = index.to(self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, arch: Architecture, P_drop: float):
+        super().__init__()
+        self.h, self.d_k = arch.h, arch.d_k
+        self.c_attn = nn.Linear(arch.d_model, 3 * arch.d_model)  # queries, keys, values of all heads at once
+        self.c_proj = nn.Linear(arch.d_model, arch.d_model)
+        self.P_drop = P_drop
+        self.resid_dropout = nn.Dropout(P_drop)
+
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, self.d_k).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d_k)
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.pos
+            kv_cache.k[layer, :, :, start:start + T] = k
+            kv_cache.v[layer, :, :, start:start + T] = v
+            k, v = kv_cache.k[layer, :, :, :start + T], kv_cache.v[layer, :, :, :start + T]
+            if start > 0:
+                # Query i sits at position start+i and sees keys 0 .. start+i; SDPA's is_causal would align
+                # the mask top-left (query i sees keys 0 .. i), which is wrong once there is a prefix.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.P_drop if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: Architecture, P_drop: float):
+        super().__init__()
+        self.c_fc = nn.Linear(arch.d_model, arch.d_ff)
+        self.c_proj = nn.Linear(arch.d_ff, arch.d_model)
+        self.dropout = nn.Dropout(P_drop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's tanh GELU
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm decoder block (GPT-2): the LayerNorm is inside the residual branch."""
+
+    def __init__(self, arch: Architecture, P_drop: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(arch.d_model, eps=1e-5)
+        self.attn = CausalSelfAttention(arch, P_drop)
+        self.ln_2 = nn.LayerNorm(arch.d_model, eps=1e-5)
+        self.mlp = MLP(arch, P_drop)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, arch: Architecture, P_drop: float = 0.0, init_std: float = 0.02):
+        super().__init__()
+        self.arch = arch
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(PADDED_VOCAB_SIZE, arch.d_model),
+            wpe=nn.Embedding(arch.positional_encoding_max_pos, arch.d_model),
+            drop=nn.Dropout(P_drop),
+            h=nn.ModuleList(Block(arch, P_drop) for _ in range(arch.N)),
+            ln_f=nn.LayerNorm(arch.d_model, eps=1e-5),
+        ))
+        self.lm_head = nn.Linear(arch.d_model, PADDED_VOCAB_SIZE, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: the output projection is the embedding
+        self.init_weights(init_std)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float) -> None:
+        """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2N) (GPT-2 paper, sec. 2.3:
+        each block adds two branches to the residual stream); biases 0, LayerNorm 1; padded vocab rows 0."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.fill_(1.0)
+            elif name.endswith("c_proj.weight"):
+                p.normal_(0.0, init_std / math.sqrt(2 * self.arch.N))
+            else:
+                p.normal_(0.0, init_std)
+        self.transformer.wte.weight[VOCAB_SIZE:].zero_()
+
+    def forward(self, idx: torch.LongTensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, 50257) for tokens idx (B, T); with a kv_cache, idx sits at positions kv_cache.pos on."""
+        return self.lm_head(self.hidden_states(idx, kv_cache))[..., :VOCAB_SIZE]
+
+    def hidden_states(self, idx: torch.LongTensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, d_model): logits are this times wte^T."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.arch.positional_encoding_max_pos:
+            raise ValueError(f"{start + T} positions, but the model has positional_encoding_max_pos = "
+                             f"{self.arch.positional_encoding_max_pos}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"the KV cache holds {kv_cache.max_len} positions; {start + T} asked for")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache for batch_size sequences of up to max_len positions, on the model's device and dtype."""
+        w = self.transformer.wte.weight
+        return KVCache(self.arch.N, batch_size, self.arch.h, min(max_len, self.arch.positional_encoding_max_pos),
+                       self.arch.d_k, w.device, w.dtype)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters (the tied lm_head counted once); non_embedding leaves out wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
