@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 
-from pipeline import config as cfg, filter, shard, split, tokenize
+import pipeline.filter, pipeline.shard, pipeline.split, pipeline.tokenize  # not bare names: the Snakefile
+from pipeline import config as cfg  # shares its globals with Snakemake's own module (filter!)
 from pipeline.chunks import select_chunks
 
 INI = config.get("ini") or ("config.ini" if os.path.exists("config.ini") else f"{workflow.basedir}/config.ini")
@@ -27,13 +28,13 @@ CKPT = str(S.train.folder_to_save_state_dicts)
 RESULTS = str(S.val.results_dir)
 
 
-def code(*names):
+def source(*names):
     """Source files a rule runs: editing one of them reruns the rule (Snakemake does not see imports)."""
     return [os.path.join(workflow.basedir, name) for name in names]
 
 
 STAGE_IO = "pipeline/io.py"
-MODEL_CODE = code("model/gpt.py", "model/checkpoint.py")
+MODEL_CODE = source("model/gpt.py", "model/checkpoint.py")
 
 wildcard_constraints:
     chunk="|".join(CHUNKS),
@@ -49,7 +50,7 @@ rule filter_chunk:
     """Keep documents of pile_sets_to_use with at least min_len_words words; cut to max_len_words."""
     input:
         chunk=lambda wc: CHUNK_PATHS[wc.chunk],
-        code=code("pipeline/filter.py", STAGE_IO),
+        code=source("pipeline/filter.py", STAGE_IO),
     output:
         data=f"{WORK}/filtered/{{chunk}}.parquet",
         manifest=f"{WORK}/filtered/{{chunk}}.json",
@@ -61,14 +62,14 @@ rule filter_chunk:
     log:
         f"{WORK}/logs/filter/{{chunk}}.log",
     run:
-        filter.run(input.chunk, output.data, output.manifest, **params, log=log[0])
+        pipeline.filter.run(input.chunk, output.data, output.manifest, **params, log=log[0])
 
 
 rule tokenize_chunk:
     """GPT-2 BPE, <|endoftext|> first, cut to max_len_tokens; keeps each document's subset and bytes."""
     input:
         filtered=rules.filter_chunk.output.data,
-        code=code("pipeline/tokenize.py", "pipeline/tokenizer.py", "pipeline/gpt2.tiktoken", STAGE_IO),
+        code=source("pipeline/tokenize.py", "pipeline/tokenizer.py", "pipeline/gpt2.tiktoken", STAGE_IO),
     output:
         data=f"{WORK}/tokenized/{{chunk}}.parquet",
         manifest=f"{WORK}/tokenized/{{chunk}}.json",
@@ -78,14 +79,14 @@ rule tokenize_chunk:
     log:
         f"{WORK}/logs/tokenize/{{chunk}}.log",
     run:
-        tokenize.run(input.filtered, output.data, output.manifest, **params, threads=threads, log=log[0])
+        pipeline.tokenize.run(input.filtered, output.data, output.manifest, **params, threads=threads, log=log[0])
 
 
 rule shard_chunk:
     """Batches of same-length documents (no padding) in shard files of tokens_per_shard tokens."""
     input:
         tokenized=rules.tokenize_chunk.output.data,
-        code=code("pipeline/shard.py", "pipeline/shards.py", STAGE_IO),
+        code=source("pipeline/shard.py", "pipeline/shards.py", STAGE_IO),
     output:
         directory(f"{WORK}/sharded/{{chunk}}"),
     params:
@@ -95,7 +96,7 @@ rule shard_chunk:
     log:
         f"{WORK}/logs/shard/{{chunk}}.log",
     run:
-        shard.run(input.tokenized, output[0], **params, log=log[0])
+        pipeline.shard.run(input.tokenized, output[0], **params, log=log[0])
 
 
 rule split:
@@ -104,7 +105,7 @@ rule split:
     input:
         train=expand(f"{WORK}/sharded/{{chunk}}", chunk=TRAIN_CHUNKS),
         val=f"{WORK}/sharded/{VAL_CHUNK}",
-        code=code("pipeline/split.py", "pipeline/shards.py", STAGE_IO),
+        code=source("pipeline/split.py", "pipeline/shards.py", STAGE_IO),
     output:
         train=f"{WORK}/split/train.json",
         val=f"{WORK}/split/val.arrow",
@@ -116,7 +117,7 @@ rule split:
     log:
         f"{WORK}/logs/split.log",
     run:
-        split.run(input.train, input.val, output.train, output.val, output.manifest, **params, log=log[0])
+        pipeline.split.run(input.train, input.val, output.train, output.val, output.manifest, **params, log=log[0])
 
 
 # Stage targets: `snakemake --cores N STAGE` runs every stage up to and including STAGE.
@@ -141,7 +142,7 @@ rule train:
     input:
         train=rules.split.output.train,
         val=rules.split.output.val,
-        code=MODEL_CODE + code("model/train.py"),
+        code=MODEL_CODE + source("model/train.py"),
     output:
         f"{CKPT}/final.pt",
     params:
@@ -161,7 +162,7 @@ rule evaluate:
     input:
         model=rules.train.output[0],
         val=rules.split.output.val,
-        code=MODEL_CODE + code("model/evaluate.py"),
+        code=MODEL_CODE + source("model/evaluate.py"),
     output:
         json=f"{RESULTS}/perplexity.json",
         table=f"{RESULTS}/perplexity.md",
@@ -183,7 +184,7 @@ rule report:
     input:
         model=rules.train.output[0],
         perplexity=rules.evaluate.output.json,
-        code=code("model/report.py"),
+        code=source("model/report.py"),
     output:
         training=report(f"{RESULTS}/plots/training.png", caption="report/training.rst", category="Training"),
         throughput=report(f"{RESULTS}/plots/throughput.png", caption="report/throughput.rst", category="Training"),
