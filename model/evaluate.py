@@ -1,0 +1,338 @@
+"""Perplexity of a model on the validation split: token perplexity, bits per byte and the seed's
+document-averaged perplexity, overall and per Pile subset.
+
+    python -m model.evaluate --model checkpoints/final.pt            # [val] results_dir/perplexity.{json,md}
+    python -m model.evaluate --model checkpoints/run-x/step_00001000.pt --out results/step1000
+
+For every validation document of L tokens (t_0 = <|endoftext|>, t_1 ... t_{L-1}), position i predicts
+t_{i+1}, and the last position predicts <|endoftext|>, as in training. Positions i < start
+(`start_predicting_from_what_token`) are context only. Per document we keep sums, never means, so per-subset
+figures add up exactly to the overall ones:
+
+    tokens     L - start                              predicted tokens
+    nll        sum of -ln p(target)                   nats
+    bytes      UTF-8 bytes of the predicted targets   see BYTES_NOTE
+    log2_mean  nll / tokens / ln 2                    the document's mean -log2 p (for the seed's figure)
+
+    perplexity                      exp(sum nll / sum tokens)           (mean_loss = sum nll / sum tokens)
+    bits_per_byte                   sum nll / ln 2 / sum bytes
+    document_averaged_perplexity    2 ** (mean over documents of log2_mean)   (the original project's figure)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import EOT, PILE_SET_NAMES
+from pipeline.io import atomic_output, log_file, progress, write_json
+from pipeline.shards import ShardReader
+from pipeline.tokenizer import token_byte_lengths
+
+BYTES_NOTE = (
+    "bits_per_byte divides the NLL of the predicted tokens (in nats, / ln 2) by the UTF-8 bytes those "
+    "predicted target tokens stand for (GPT-2's byte-level BPE: each token id is a fixed byte string; the "
+    "final <|endoftext|> target is 0 bytes). The first start_predicting_from_what_token positions are context: "
+    "their targets are neither scored nor counted in bytes. documents_bytes is the shard's n_bytes (the whole "
+    "document's text), for reference.")
+
+DEFINITIONS = {
+    "perplexity": "exp(sum NLL / sum predicted tokens): token-weighted, natural log",
+    "mean_loss": "sum NLL / sum predicted tokens, in nats (the training loss)",
+    "bits_per_byte": "sum NLL / ln 2 / sum bytes of the predicted tokens (comparable across tokenizers)",
+    "document_averaged_perplexity": "2 ** (mean over documents of the document's mean -log2 p): the original "
+                                    "project's figure (its 19.35); short documents weigh as much as long ones",
+    "position_i_predicts": "token i+1; the last position predicts <|endoftext|>",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device and precision, as in training
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda if there is one, else cpu; cuda / cuda:N must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU (use device = auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device: torch.device, dtype: str):
+    """Autocast to bfloat16/float16 as [train] dtype says; float32 runs as is."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def set_threads(threads: int) -> None:
+    if threads and threads > 0:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The figures
+# ---------------------------------------------------------------------------------------------------------------
+
+def targets_of(tokens: np.ndarray) -> np.ndarray:
+    """(n, L) documents -> (n, L) targets: position i predicts token i+1, the last position <|endoftext|>."""
+    targets = np.empty_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    targets[:, -1] = EOT
+    return targets
+
+
+def token_nll(model, tokens: np.ndarray, device: torch.device, dtype: str = "float32") -> np.ndarray:
+    """(n, L) documents -> (n, L) float64 -ln p(target of each position), in nats."""
+    idx = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    tgt = torch.from_numpy(targets_of(tokens).astype(np.int64)).to(device)
+    with torch.inference_mode(), autocast(device, dtype):
+        logits = model(idx)
+    out = torch.empty(idx.shape, dtype=torch.float64)
+    # one document at a time: a float32 log-softmax of the whole batch would double the logits' memory
+    for r in range(idx.shape[0]):
+        nll = F.cross_entropy(logits[r].float(), tgt[r], reduction="none")
+        out[r] = nll.double().cpu()
+    return out.numpy()
+
+
+def document_sums(nll: np.ndarray, tokens: np.ndarray, start: int) -> dict[str, np.ndarray]:
+    """Per document of a batch: predicted tokens, sum NLL (nats) and bytes of the predicted targets."""
+    n, L = tokens.shape
+    lengths = token_byte_lengths()
+    predicted = max(L - start, 0)
+    targets = targets_of(tokens)[:, start:]
+    return {
+        "tokens": np.full(n, predicted, dtype=np.int64),
+        "nll": nll[:, start:].sum(axis=1),
+        "bytes": lengths[targets].sum(axis=1).astype(np.int64) if predicted else np.zeros(n, np.int64),
+    }
+
+
+class Tally:
+    """Sums over documents; figures() turns them into the reported numbers. Tallies add up (+)."""
+
+    FIELDS = ("documents", "documents_skipped", "tokens", "nll", "bytes", "documents_bytes", "log2_mean_sum")
+
+    def __init__(self):
+        self.documents = self.documents_skipped = self.tokens = self.bytes = self.documents_bytes = 0
+        self.nll = self.log2_mean_sum = 0.0
+
+    def add(self, tokens: int, nll: float, n_bytes: int, documents_bytes: int) -> None:
+        tokens, nll = int(tokens), float(nll)
+        if tokens == 0:  # a document no longer than start: nothing to predict
+            self.documents_skipped += 1
+            return
+        self.documents += 1
+        self.tokens += int(tokens)
+        self.nll += float(nll)
+        self.bytes += int(n_bytes)
+        self.documents_bytes += int(documents_bytes)
+        self.log2_mean_sum += float(nll) / tokens / math.log(2)
+
+    def __add__(self, other: Tally) -> Tally:
+        out = Tally()
+        for f in self.FIELDS:
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        return out
+
+    def figures(self) -> dict:
+        t, b, d = self.tokens, self.bytes, self.documents
+        mean_loss = self.nll / t if t else float("nan")
+        return {
+            "documents": d,
+            "documents_skipped_too_short": self.documents_skipped,
+            "tokens": t,
+            "bytes": b,
+            "documents_bytes": self.documents_bytes,
+            "nll_nats": self.nll,
+            "mean_loss": mean_loss,
+            "perplexity": math.exp(mean_loss) if t else float("nan"),
+            "bits_per_byte": self.nll / math.log(2) / b if b else float("nan"),
+            "document_averaged_perplexity": 2 ** (self.log2_mean_sum / d) if d else float("nan"),
+            "log2_mean_sum": self.log2_mean_sum,
+        }
+
+
+def evaluate_model(model, val_shard: str | Path, start: int, device: torch.device, dtype: str = "float32",
+                   logfh=None, desc: str = "evaluate", context: int | None = None) -> dict[str, Tally]:
+    """{pile_set_name: Tally} over every document of the val shard (inference mode, one shard batch at a time)."""
+    reader = ShardReader(val_shard)
+    tallies: dict[str, Tally] = {}
+    model.eval()
+    bar = progress(logfh or sys.stderr, desc, "tok", total=int((reader.seq_lens() * reader.n_docs()).sum()))
+    with bar:
+        for batch in reader:
+            n, L = batch.tokens.shape
+            if context is not None and L > context:
+                raise ValueError(f"{val_shard}: documents of {L} tokens do not fit the model's context of {context} "
+                                 "positions ([architecture] positional_encoding_max_pos)")
+            sums = document_sums(token_nll(model, batch.tokens, device, dtype), batch.tokens, start)
+            for j in range(n):
+                name = PILE_SET_NAMES[int(batch.pile_set[j])]
+                tallies.setdefault(name, Tally()).add(sums["tokens"][j], sums["nll"][j], sums["bytes"][j],
+                                                      batch.n_bytes[j])
+            bar.update(n * L)
+    return tallies
+
+
+def overall(tallies: dict[str, Tally]) -> Tally:
+    total = Tally()
+    for t in tallies.values():
+        total = total + t
+    return total
+
+
+def results(tallies: dict[str, Tally], untrained: dict[str, Tally] | None = None) -> dict:
+    """The figures of perplexity.json: overall and per subset (subsets in PILE_SET_NAMES order)."""
+    order = sorted(tallies, key=PILE_SET_NAMES.index)
+    out = {"overall": overall(tallies).figures(), "per_subset": {k: tallies[k].figures() for k in order}}
+    if untrained is not None:
+        out["untrained"] = {"overall": overall(untrained).figures(),
+                            "per_subset": {k: untrained[k].figures() for k in order if k in untrained}}
+    return out
+
+
+def markdown_table(res: dict) -> str:
+    """Per subset, overall and (if present) the untrained model's overall row, as a Markdown table."""
+    head = ("| subset | documents | tokens | mean loss (nats) | perplexity | bits per byte "
+            "| document-averaged perplexity |\n|---|---:|---:|---:|---:|---:|---:|\n")
+
+    def row(name, f):
+        return (f"| {name} | {f['documents']:,} | {f['tokens']:,} | {f['mean_loss']:.4f} | {f['perplexity']:,.2f} "
+                f"| {f['bits_per_byte']:.4f} | {f['document_averaged_perplexity']:,.2f} |\n")
+
+    lines = [row(name, f) for name, f in res["per_subset"].items()]
+    lines.append(row("**overall**", res["overall"]))
+    if "untrained" in res:
+        lines.append(row("untrained model (same architecture), overall", res["untrained"]["overall"]))
+    return head + "".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+
+def untrained_model(arch, init_std: float = 0.02, seed: int = 0):
+    """A freshly initialised model of the architecture (the 'before training' baseline), seeded."""
+    from model.gpt import GPT
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT(arch, init_std=init_std)
+
+
+def _init_std(meta: dict) -> float:
+    """The run's [train] init_std if the model file records it, else GPT-2's 0.02."""
+    for key in ("train", "settings", "config"):
+        section = meta.get(key)
+        if isinstance(section, dict):
+            section = section.get("train", section)
+            if isinstance(section, dict) and "init_std" in section:
+                return float(section["init_std"])
+    return 0.02
+
+
+def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_token: int, device: str = "auto",
+        dtype: str = "float32", threads: int = 0, log=None, *, expected_arch=None, untrained_baseline: bool = True):
+    """Evaluate model_path on val_shard; write perplexity.json and the Markdown table; print the table."""
+    from model.checkpoint import load_model
+
+    set_threads(threads)
+    dev = resolve_device(device)
+    start = int(start_predicting_from_what_token)
+    with log_file(log) as logfh:
+        model, arch, meta = load_model(model_path, map_location=dev, expected_arch=expected_arch)
+        model.to(dev)
+        context = arch.positional_encoding_max_pos
+        print(f"{model_path}: {sum(p.numel() for p in model.parameters()):,} parameters, {arch}; "
+              f"evaluating {val_shard} on {dev} ({dtype}), from token {start}", file=logfh)
+        t0 = time.perf_counter()
+        tallies = evaluate_model(model, val_shard, start, dev, dtype, logfh, context=context)
+        seconds = time.perf_counter() - t0
+        total = overall(tallies)
+        print(f"{total.documents:,} documents, {total.tokens:,} predicted tokens in {seconds:.1f} s "
+              f"({total.tokens / max(seconds, 1e-9):,.0f} tokens/s)", file=logfh)
+        untrained = None
+        if untrained_baseline:
+            fresh = untrained_model(arch, init_std=_init_std(meta)).to(dev)
+            untrained = evaluate_model(fresh, val_shard, start, dev, dtype, logfh, desc="untrained", context=context)
+            del fresh
+        res = results(tallies, untrained)
+        doc = {
+            "model": str(model_path),
+            "model_step": meta.get("step"),
+            "model_tokens": meta.get("tokens"),
+            "architecture": {k: getattr(arch, k) for k in arch.__dataclass_fields__},
+            "val_split": str(val_shard),
+            "start_predicting_from_what_token": start,
+            "device": dev.type,
+            "dtype": dtype,
+            "definitions": {**DEFINITIONS, "bytes": BYTES_NOTE},
+            **res,
+        }
+        table = markdown_table(res)
+        write_json(out_json, doc)
+        with atomic_output(out_table) as tmp:
+            tmp.write_text(f"Validation perplexity of `{model_path}` on `{val_shard}` "
+                           f"({total.documents:,} documents; positions from {start} on).\n\n{table}",
+                           encoding="utf-8")
+        if logfh is not sys.stderr:
+            print(table, file=logfh)
+    print(f"\nValidation perplexity ({model_path}, {total.documents:,} documents, positions from {start} on):\n")
+    print(table, flush=True)
+    return doc
+
+
+def main(argv=None) -> int:
+    from model.checkpoint import ModelFileError
+    from pipeline.config import ConfigError, load_settings
+
+    p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model file: final.pt or any training checkpoint "
+                                    "(default: [train] folder_to_save_state_dicts/final.pt)")
+    p.add_argument("--val", help="validation shard (default: [preprocessing] path_to_store_preprocessed_data"
+                                 "/split/val.arrow)")
+    p.add_argument("--ini", default="config.ini", help="config file (default: config.ini)")
+    p.add_argument("--out", help="folder of perplexity.json and perplexity.md (default: [val] results_dir)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: [train] device)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: [train] dtype)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-untrained", action="store_true", help="skip the untrained-model baseline")
+    args = p.parse_args(argv)
+    try:
+        s = load_settings(args.ini)
+        model = Path(args.model) if args.model else s.train.folder_to_save_state_dicts / "final.pt"
+        val = Path(args.val) if args.val else s.preprocessing.path_to_store_preprocessed_data / "split" / "val.arrow"
+        if not val.is_file():
+            raise ValueError(f"{val}: no such validation split (run `snakemake --cores N split` first, or give --val)")
+        out = Path(args.out) if args.out else s.val.results_dir
+        run(model, val, out / "perplexity.json", out / "perplexity.md", s.train.start_predicting_from_what_token,
+            args.device or s.train.device, args.dtype or s.train.dtype, args.threads, log=None,
+            expected_arch=s.architecture, untrained_baseline=not args.no_untrained)
+    except (ConfigError, ModelFileError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
