@@ -64,7 +64,7 @@ def lr_at(step: int, t: Train) -> float:
     cos(pi/2 * (step - warmup) / steps_to_attenuate_lr_to_zero), reaching 0 and staying there."""
     warm = step / t.warmup_steps if t.warmup_steps > 0 else 1.0
     x = (step - t.warmup_steps) / max(t.steps_to_attenuate_lr_to_zero, 1)
-    decay = math.cos(math.pi * min(max(x, 0.0), 1.0) / 2) if t.steps_to_attenuate_lr_to_zero > 0 else 1.0
+    decay = math.cos(math.pi * max(x, 0.0) / 2) if x < 1 else 0.0
     return t.max_lr * max(0.0, min(warm, decay))
 
 

@@ -1,0 +1,296 @@
+"""Training (model/train.py): schedule, loss masking, data order, and the checkpoint/resume promises."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from model import train as T
+from model.checkpoint import ModelFileError, latest_checkpoint, list_checkpoints, load_model
+from model.gpt import GPT
+from pipeline.config import EOT, Architecture, Train, load_settings
+from tests.synthetic import make_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_INI = """
+[preprocessing]
+path_to_original_data = data/sample
+path_to_store_preprocessed_data = {tmp}/work
+pile_sets_to_use = Github
+max_len_tokens = 32
+max_num_of_tokens_in_batch = 128
+tokens_per_shard = 4096
+
+[train]
+folder_to_save_state_dicts = {tmp}/ckpt
+num_of_chunks_to_use = 2
+max_lr = 3e-3
+warmup_steps = 4
+steps_to_attenuate_lr_to_zero = 40
+P_drop = {P_drop}
+start_predicting_from_what_token = 2
+checkpoint_every_steps = 5
+keep_checkpoints = 2
+val_every_steps = 10
+val_batches = 3
+device = cpu
+threads = 1
+{extra}
+
+[architecture]
+N = 2
+d_model = 32
+d_ff = 64
+h = 2
+d_k = 16
+d_v = 16
+positional_encoding_max_pos = 40
+"""
+
+
+def setup_run(tmp_path, P_drop=0.1, extra="", batches_per_shard=6):
+    train_json, val = make_split(tmp_path / "data", batches_per_shard=batches_per_shard)
+    ini = tmp_path / "tiny.ini"
+    ini.write_text(TINY_INI.format(tmp=tmp_path, P_drop=P_drop, extra=extra))
+    return ini, train_json, val
+
+
+def cli(ini, train_json, val, final, log):
+    return [sys.executable, "-m", "model.train", "--ini", str(ini), "--train", str(train_json), "--val", str(val),
+            "--final", str(final), "--log", str(log)]
+
+
+def weights_sha256(path) -> str:
+    model, _, _ = load_model(path)
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()
+
+
+def metrics(run_dir) -> list[dict]:
+    return [orjson.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_bytes().splitlines()]
+
+
+def run_dir_of(final) -> Path:
+    return Path(final).parent / torch.load(final, weights_only=True)["run_dir"]
+
+
+# --- schedule, targets, loss, order ------------------------------------------------------------------
+
+def test_schedule_warms_up_linearly_then_follows_the_seeds_cosine():
+    t = Train(max_lr=1.0, warmup_steps=100, steps_to_attenuate_lr_to_zero=1000)
+    assert T.lr_at(1, t) == pytest.approx(0.01)
+    assert T.lr_at(50, t) == pytest.approx(0.5)
+    assert T.lr_at(100, t) == pytest.approx(1.0)
+    assert T.lr_at(600, t) == pytest.approx(math.cos(math.pi * 500 / 2000))  # the seed's formula
+    assert T.lr_at(1100, t) == pytest.approx(0.0, abs=1e-12)
+    assert T.lr_at(5000, t) == 0.0  # stays at zero past the attenuation
+    assert T.lr_at(1, Train(max_lr=2.5e-4, warmup_steps=0, steps_to_attenuate_lr_to_zero=10)) == pytest.approx(
+        2.5e-4 * math.cos(math.pi / 20))
+
+
+def test_target_is_the_document_then_endoftext():
+    tokens = np.array([[EOT, 5, 6, 7], [EOT, 8, 9, 10]], dtype=np.uint16)
+    x, y = T.inputs_and_targets(tokens)
+    assert x.tolist() == [[EOT, 5, 6, 7], [EOT, 8, 9, 10]]
+    assert y.tolist() == [[5, 6, 7, EOT], [8, 9, 10, EOT]]
+
+
+def test_loss_ignores_positions_before_start_predicting_from_what_token():
+    torch.manual_seed(0)
+    model = T.LossModel(GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8,
+                                         positional_encoding_max_pos=16)))
+    x = torch.randint(0, 1000, (2, 10))
+    y = torch.randint(0, 1000, (2, 10))
+    y2 = y.clone()
+    y2[:, :3] = 7  # targets of the ignored positions changed
+    with torch.no_grad():
+        assert model(x, y, 3).item() == model(x, y2, 3).item()
+        logits = model.gpt(x)
+        ref = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, logits.shape[-1]), y[:, 3:].reshape(-1),
+                                                reduction="sum")
+        assert model(x, y, 3).item() == pytest.approx(ref.item(), rel=1e-5)
+        assert model(x, y, 0).item() != pytest.approx(ref.item(), rel=1e-3)
+
+
+def test_data_order_is_shuffled_seeded_per_epoch_and_chunk():
+    shape = np.array([[4, 30]] * 50)
+    a = T.batch_order(1337, 0, 0, shape, start=8)
+    assert sorted(a.tolist()) == list(range(50)) and a.tolist() != list(range(50))
+    assert np.array_equal(a, T.batch_order(1337, 0, 0, shape, start=8))
+    assert not np.array_equal(a, T.batch_order(1337, 1, 0, shape, start=8))
+    assert not np.array_equal(a, T.batch_order(1337, 0, 1, shape, start=8))
+    assert sorted(T.chunk_order(1337, 0, 17).tolist()) == list(range(17))
+    shape[::2, 1] = 8  # batches with nothing to predict are left out
+    assert sorted(T.batch_order(1337, 0, 0, shape, start=8).tolist()) == list(range(1, 50, 2))
+
+
+def test_optimizer_steps_gather_batches_up_to_the_token_budget():
+    shape = np.array([[4, 25]] * 10)  # 100 tokens per batch
+    order = np.arange(10)
+    assert T.step_groups(order, shape, 0, 1) == [(i, i + 1) for i in range(10)]
+    assert T.step_groups(order, shape, 250, 1) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert T.step_groups(order, shape, 0, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_weight_decay_only_on_two_dimensional_weights():
+    gpt = GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=16))
+    opt = T.make_optimizer(gpt, Train(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
+
+
+# --- a whole (tiny) run ------------------------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_writes_final_pt_and_metrics(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    final = tmp_path / "ckpt" / "final.pt"
+    T.launch(ini, train_json, val, final, threads=1, log=tmp_path / "train.log")
+    model, arch, meta = load_model(final, expected_arch=load_settings(ini).architecture)
+    run_dir = run_dir_of(final)
+    assert run_dir.parent == final.parent and run_dir.name.startswith("run-")
+    recs = metrics(run_dir)
+    train, val_recs = [r for r in recs if r["kind"] == "train"], [r for r in recs if r["kind"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, meta["step"] + 1))
+    assert set(train[0]) == {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert train[-1]["tokens"] == meta["tokens"] == sum(c["tokens"] for c in orjson.loads(train_json.read_bytes())["chunks"])
+    assert val_recs[0]["step"] == 0 and val_recs[-1]["step"] == meta["step"]
+    assert val_recs[0]["val_loss"] == pytest.approx(math.log(50257), rel=0.01)  # untrained: uniform
+    assert val_recs[-1]["val_loss"] < val_recs[0]["val_loss"] - 1.0
+    assert len(list_checkpoints(run_dir)) == 2  # keep_checkpoints
+    assert "wrote" in (tmp_path / "train.log").read_text()
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path):
+    ini, train_json, val = setup_run(tmp_path)  # dropout on: the RNG states must be restored too
+    full = tmp_path / "full" / "final.pt"
+    subprocess.run(cli(ini, train_json, val, full, tmp_path / "full.log"), cwd=ROOT, check=True)
+    os.rename(tmp_path / "ckpt", tmp_path / "uninterrupted")
+
+    final = tmp_path / "ckpt" / "final.pt"
+    proc = subprocess.Popen(cli(ini, train_json, val, final, tmp_path / "killed.log"), cwd=ROOT)
+    deadline = time.time() + 120
+    while not list((tmp_path / "ckpt").glob("run-*/step_00000010.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few steps past the checkpoint: those must be redone
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not final.exists()
+    run_dir = next((tmp_path / "ckpt").glob("run-*"))
+    killed_at = max(r["step"] for r in metrics(run_dir))
+    subprocess.run(cli(ini, train_json, val, final, tmp_path / "resumed.log"), cwd=ROOT, check=True)
+
+    assert "resuming" in (tmp_path / "resumed.log").read_text()
+    assert weights_sha256(final) == weights_sha256(full)
+    steps = [(r["kind"], r["step"]) for r in metrics(run_dir)]
+    assert len(steps) == len(set(steps)), "a step logged twice after the resume"
+    ref = metrics(next((tmp_path / "uninterrupted").glob("run-*")))
+    assert [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run_dir)] == \
+           [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in ref]
+    assert killed_at > 10
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    final = tmp_path / "ckpt" / "final.pt"
+    T.launch(ini, train_json, val, final, threads=1)
+    run_dir = run_dir_of(final)
+    last_step = load_model(final)[2]["step"]
+    ckpts = list_checkpoints(run_dir)
+    latest, previous = ckpts[-1], ckpts[-2]
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle
+    latest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=rf"{latest.name}: checksum mismatch.*previous checkpoint"):
+        path, state = latest_checkpoint(run_dir)
+    assert path == previous and state["step"] < last_step
+
+    latest.write_bytes(bytes(data[:1000]))  # truncated: the trainer resumes from the previous one
+    final.unlink()
+    with pytest.warns(UserWarning, match="truncated or corrupt"):
+        T.launch(ini, train_json, val, final, threads=1, log=tmp_path / "again.log")
+    assert f"from {previous.name}" in (tmp_path / "again.log").read_text()
+    assert load_model(final)[2]["step"] == last_step and len(list_checkpoints(run_dir)) == 2
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    final = tmp_path / "ckpt" / "final.pt"
+    T.launch(ini, train_json, val, final, threads=1)
+    run_dir = run_dir_of(final)
+    other = Architecture(N=3, d_model=32, d_ff=64, h=2, d_k=16, d_v=16, positional_encoding_max_pos=40)
+    with pytest.raises(ModelFileError, match=r"step_\d+\.pt: the model has another architecture.*N = 2 in the file but 3"):
+        latest_checkpoint(run_dir, expected_arch=other)
+
+
+def test_changed_train_setting_starts_a_new_run_and_unchanged_one_resumes(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    final = tmp_path / "ckpt" / "final.pt"
+    T.launch(ini, train_json, val, final, threads=1)
+    first = run_dir_of(final)
+    sha = weights_sha256(final)
+    final.unlink()
+    T.launch(ini, train_json, val, final, threads=1, log=tmp_path / "again.log")  # the finished run: no training
+    assert run_dir_of(final) == first and weights_sha256(final) == sha
+    assert "resuming" in (tmp_path / "again.log").read_text()
+    ini.write_text(ini.read_text().replace("max_lr = 3e-3", "max_lr = 1e-3").replace("keep_checkpoints = 2",
+                                                                                     "keep_checkpoints = 3"))
+    T.launch(ini, train_json, val, final, threads=1)
+    assert run_dir_of(final) != first and weights_sha256(final) != sha
+    ini.write_text(ini.read_text().replace("keep_checkpoints = 3", "keep_checkpoints = 4"))  # operational only
+    assert T.run_dir_for(load_settings(ini), train_json)[0] == run_dir_of(final)
+
+
+def test_second_trainer_on_the_same_run_is_refused(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    run_dir, _ = T.run_dir_for(load_settings(ini), train_json)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from model.train import RunLock; from pathlib import Path;"
+                               "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(60)",
+         str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=rf"{run_dir.name}/lock: another trainer \(pid {holder.pid}"):
+            T.launch(ini, train_json, val, tmp_path / "ckpt" / "final.pt", threads=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    T.launch(ini, train_json, val, tmp_path / "ckpt" / "final.pt", threads=1)  # the lock died with its holder
+    assert (tmp_path / "ckpt" / "final.pt").exists()
+
+
+def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
+    # Steps of >= 300 tokens (about 3 batches) are the same steps for 1 and 2 processes; DDP deals the
+    # batches of a step out to the 2 ranks and averages their gradients, so the weights must agree.
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0, extra="tokens_per_optimizer_step = 300")
+    single = tmp_path / "single" / "final.pt"
+    T.launch(ini, train_json, val, single, threads=1)
+    ini.write_text(ini.read_text().replace("[train]", "[train]\nnproc_per_node = 2")
+                   .replace(f"{tmp_path}/ckpt", f"{tmp_path}/ddp"))
+    final = tmp_path / "ddp" / "final.pt"
+    T.launch(ini, train_json, val, final, threads=2, log=tmp_path / "ddp.log")
+    meta = load_model(final)[2]
+    assert meta["world_size"] == 2
+    assert meta["step"] == load_model(single)[2]["step"] and meta["tokens"] == load_model(single)[2]["tokens"]
+    a, b = load_model(single)[0].state_dict(), load_model(final)[0].state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
+    recs = metrics(run_dir_of(final))
+    assert recs[-1]["kind"] == "val" and recs[-1]["val_loss"] < recs[0]["val_loss"] - 0.3
