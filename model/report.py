@@ -1,0 +1,214 @@
+"""Plots of a training run and of its evaluation, for README and `snakemake --report report.html`.
+
+    training.png     training loss (raw and smoothed) and validation loss over tokens; learning rate below
+    throughput.png   training tokens/s over tokens
+    perplexity.png   token perplexity per Pile subset, with bits per byte, the overall figure and the
+                     untrained model's
+
+The run's metrics log is `metrics.jsonl` in the run folder that final.pt names (`run_dir`, relative to
+final.pt's folder): one JSON object per line, {"kind": "train", "step", "tokens", "loss", "lr", ...} per
+optimizer step and {"kind": "val", "step", "tokens", "val_loss"} per periodic validation. A resumed run may
+log a step twice; the last record of a step wins.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from pipeline.io import atomic_output, log_file, read_json  # noqa: E402
+
+DPI = 110
+
+
+def metrics_path(model_path: str | Path) -> Path:
+    """metrics.jsonl of the run that wrote model_path (final.pt's `run_dir`, relative to final.pt's folder)."""
+    from model.checkpoint import load_model
+
+    model_path = Path(model_path)
+    _, _, meta = load_model(model_path)
+    run_dir = meta.get("run_dir")
+    if not run_dir:
+        raise ValueError(f"{model_path}: names no run folder (run_dir), so its metrics log cannot be found")
+    path = model_path.parent / run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such metrics log (the run folder named by {model_path})")
+    return path
+
+
+def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """{'train': {field: array}, 'val': {field: array}}, ordered by step, the last record of a step kept.
+
+    A line cut short by a killed run (the last one) is skipped; any other bad line is an error naming it."""
+    path = Path(path)
+    records: dict[str, dict[int, dict]] = {"train": {}, "val": {}}
+    lines = path.read_bytes().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON object") from None
+        kind = rec.get("kind")
+        if kind in records and "step" in rec:
+            records[kind][int(rec["step"])] = rec
+    out = {}
+    for kind, by_step in records.items():
+        steps = sorted(by_step)
+        fields = sorted({k for r in by_step.values() for k in r if k != "kind"})
+        out[kind] = {f: np.array([by_step[s].get(f, np.nan) for s in steps], dtype=np.float64) for f in fields}
+    return out
+
+
+def smooth(y: np.ndarray, span: int) -> np.ndarray:
+    """Exponential moving average with the weight of the last `span` points, started without bias."""
+    if len(y) == 0:
+        return y
+    alpha = 2.0 / (span + 1)
+    out = np.empty_like(y, dtype=np.float64)
+    avg, weight = 0.0, 0.0
+    for i, v in enumerate(y):
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out[i] = avg / weight
+    return out
+
+
+def _span(n: int) -> int:
+    return max(1, min(200, n // 20))
+
+
+def _save(fig, path) -> None:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training(metrics: dict, perplexity: dict | None, path) -> None:
+    train, val = metrics["train"], metrics["val"]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    if "tokens" in train and len(train["tokens"]):
+        x, loss = train["tokens"], train["loss"]
+        ax.plot(x, loss, color="tab:blue", alpha=0.25, lw=0.8, label="training loss (per step)")
+        ax.plot(x, smooth(loss, _span(len(loss))), color="tab:blue", lw=1.8,
+                label=f"training loss (moving average, {_span(len(loss))} steps)")
+        ax_lr.plot(x, train["lr"], color="tab:green", lw=1.5)
+    if "tokens" in val and len(val["tokens"]):
+        ax.plot(val["tokens"], val["val_loss"], "o-", color="tab:orange", ms=4, lw=1.5,
+                label="validation loss (periodic, part of the val split)")
+    if perplexity is not None and "tokens" in train and len(train["tokens"]):
+        f = perplexity["overall"]
+        ax.plot([train["tokens"][-1]], [f["mean_loss"]], "*", color="tab:red", ms=13,
+                label=f"final evaluation, whole val split: {f['mean_loss']:.3f} nats (perplexity {f['perplexity']:,.1f})")
+    ax.axhline(math.log(50257), color="grey", ls=":", lw=1, label="uniform over 50,257 tokens (ln 50257 = 10.8)")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("training tokens")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.xaxis.set_major_formatter(EngFormatter())
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    _save(fig, path)
+
+
+def plot_throughput(metrics: dict, path) -> None:
+    train = metrics["train"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    if "tokens_per_s" in train and len(train["tokens_per_s"]):
+        x, y = train["tokens"], train["tokens_per_s"]
+        ax.plot(x, y, color="tab:purple", alpha=0.3, lw=0.8, label="per optimizer step")
+        ax.plot(x, smooth(y, _span(len(y))), color="tab:purple", lw=1.8, label="moving average")
+        med = float(np.nanmedian(y))
+        ax.axhline(med, color="black", ls="--", lw=1, label=f"median {med:,.0f} tokens/s")
+        if "elapsed_s" in train and len(train["elapsed_s"]):
+            ax.set_title(f"Training throughput: {x[-1]:,.0f} tokens in {train['elapsed_s'][-1] / 60:,.1f} min")
+        else:
+            ax.set_title("Training throughput")
+        ax.set_ylim(0, float(np.nanpercentile(y, 99)) * 1.15)
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("tokens / s")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.yaxis.set_major_formatter(EngFormatter())
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_perplexity(perplexity: dict, path) -> None:
+    subsets = perplexity["per_subset"]
+    names = sorted(subsets, key=lambda k: subsets[k]["perplexity"])
+    ppl = [subsets[k]["perplexity"] for k in names]
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.8))
+    bars = ax.barh(names, ppl, color="tab:blue", alpha=0.8)
+    for bar, k in zip(bars, names):
+        f = subsets[k]
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f"  {f['perplexity']:,.1f}  ({f['bits_per_byte']:.2f} bits/byte, {f['documents']:,} docs)",
+                va="center", fontsize=8)
+    total = perplexity["overall"]
+    ax.axvline(total["perplexity"], color="tab:red", ls="--", lw=1.2,
+               label=f"overall {total['perplexity']:,.1f} ({total['bits_per_byte']:.3f} bits/byte)")
+    title = "Validation token perplexity per Pile subset"
+    if "untrained" in perplexity:
+        title += f"\n(the untrained model: {perplexity['untrained']['overall']['perplexity']:,.0f} overall)"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(f"perplexity = exp(mean NLL), positions from {perplexity.get('start_predicting_from_what_token', 0)} on")
+    ax.set_xlim(0, max(ppl + [total["perplexity"]]) * 1.6)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def run(model_path, perplexity_json, training_png, throughput_png, perplexity_png, log=None):
+    """The three plots of a run (Snakemake rule `report`)."""
+    with log_file(log) as logfh:
+        metrics_file = metrics_path(model_path)
+        metrics = read_metrics(metrics_file)
+        perplexity = read_json(perplexity_json)
+        print(f"{metrics_file}: {len(metrics['train'].get('step', []))} training steps, "
+              f"{len(metrics['val'].get('step', []))} validations", file=logfh)
+        plot_training(metrics, perplexity, training_png)
+        plot_throughput(metrics, throughput_png)
+        plot_perplexity(perplexity, perplexity_png)
+        for p in (training_png, throughput_png, perplexity_png):
+            print(f"wrote {p}", file=logfh)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from pipeline.config import load_settings
+
+    p = argparse.ArgumentParser(prog="python -m model.report", description="Plots of a run and its evaluation.")
+    p.add_argument("--model", help="final.pt (default: [train] folder_to_save_state_dicts/final.pt)")
+    p.add_argument("--ini", default="config.ini")
+    p.add_argument("--out", help="folder of the plots (default: [val] results_dir/plots)")
+    args = p.parse_args(argv)
+    try:
+        s = load_settings(args.ini)
+        model = Path(args.model) if args.model else s.train.folder_to_save_state_dicts / "final.pt"
+        out = Path(args.out) if args.out else s.val.results_dir / "plots"
+        run(model, s.val.results_dir / "perplexity.json", out / "training.png", out / "throughput.png",
+            out / "perplexity.png")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Report: the metrics log is read as the trainer writes it (resumes, a cut last line); three real PNG plots."""
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import orjson
+import pytest
+
+from model import report
+from model.checkpoint import save_model
+from model.evaluate import Tally, results
+from model.gpt import GPT
+from pipeline.config import Architecture
+from pipeline.io import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = Architecture(N=1, d_model=32, d_ff=64, h=2, d_k=16, d_v=16, positional_encoding_max_pos=64)
+
+
+def write_metrics(path: Path, steps=300, resumed_at=None, cut_last_line=False):
+    """A realistic log: loss falling from 10.8, warm-up then cosine lr, tokens/s with dips, val every 50 steps."""
+    rng = np.random.default_rng(0)
+    lines = [{"kind": "val", "step": 0, "tokens": 0, "val_loss": 10.83}]
+    for step in range(1, steps + 1):
+        tokens = step * 2000
+        loss = 5.5 + 5.3 * math.exp(-step / 40) + rng.normal(0, 0.15)
+        lr = 1e-3 * max(0.0, min(step / 30, math.cos(math.pi * (step - 30) / (2 * (steps - 30)))))
+        lines.append({"kind": "train", "step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": 1.0,
+                      "tokens_per_s": 9000 + rng.normal(0, 300) - (3000 if step % 50 == 1 else 0),
+                      "elapsed_s": step * 0.22})
+        if step % 50 == 0:
+            lines.append({"kind": "val", "step": step, "tokens": tokens, "val_loss": loss + 0.2})
+        if resumed_at is not None and step == resumed_at + 20:  # killed here; the run resumes at resumed_at
+            lines += [{**rec, "loss": 99.0} if rec.get("kind") == "train" else rec
+                      for rec in lines[-20:]]  # replayed steps (here, with a mark to see which record wins)
+    text = b"".join(orjson.dumps(rec) + b"\n" for rec in lines)
+    if cut_last_line:
+        text += b'{"kind": "train", "step": 3'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text)
+
+
+def perplexity_doc():
+    tallies = {}
+    for name, (docs, tokens, nll_per_token) in {"Wikipedia (en)": (30, 6000, 5.0), "Github": (10, 3000, 3.0),
+                                                "Gutenberg (PG-19)": (50, 12000, 5.5)}.items():
+        t = tallies[name] = Tally()
+        for _ in range(docs):
+            t.add(tokens // docs, nll_per_token * tokens / docs, 4 * tokens // docs, 5 * tokens // docs)
+    untrained = {k: Tally() for k in tallies}
+    for k in tallies:
+        untrained[k].add(100, 100 * math.log(51000), 400, 500)
+    return {"start_predicting_from_what_token": 8, **results(tallies, untrained)}
+
+
+def test_last_record_of_a_step_wins_and_a_cut_last_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, steps=120, resumed_at=60, cut_last_line=True)
+    m = report.read_metrics(path)
+    assert list(m["train"]["step"]) == list(range(1, 121))
+    assert list(m["val"]["step"]) == [0, 50, 100]
+    replayed = m["train"]["loss"][(m["train"]["step"] > 60) & (m["train"]["step"] <= 80)]
+    assert (replayed == 99.0).all()  # the resumed run's records replace the first attempt's
+    assert (m["train"]["loss"][m["train"]["step"] > 80] < 20).all()
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"kind": "train", "step": 1, "tokens": 5, "loss": 3, "lr": 1}\nnot json\n{"kind": "val"}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
+        report.read_metrics(path)
+
+
+def test_smooth_is_an_unbiased_moving_average():
+    assert np.allclose(report.smooth(np.full(10, 3.0), 5), 3.0)  # no pull towards 0 at the start
+    y = report.smooth(np.r_[np.zeros(50), np.ones(50)], 5)
+    assert y[49] == 0 and 0.99 < y[-1] <= 1
+
+
+def image(path):
+    img = matplotlib.image.imread(path)
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return img
+
+
+def test_report_draws_three_plots_of_the_run(tmp_path):
+    save_model(tmp_path / "checkpoints" / "final.pt", GPT(ARCH), ARCH, run_dir="run-abc", step=300)
+    write_metrics(tmp_path / "checkpoints" / "run-abc" / "metrics.jsonl", resumed_at=100)
+    write_json(tmp_path / "results" / "perplexity.json", perplexity_doc())
+    plots = [tmp_path / "results" / "plots" / f"{n}.png" for n in ("training", "throughput", "perplexity")]
+    report.run(tmp_path / "checkpoints" / "final.pt", tmp_path / "results" / "perplexity.json", *plots,
+               log=tmp_path / "report.log")
+    for p in plots:
+        img = image(p)
+        h, w = img.shape[:2]
+        assert w > 600 and h > 250
+        assert img[..., :3].std() > 0.05  # something is drawn
+    assert "300 training steps, 7 validations" in (tmp_path / "report.log").read_text()
+    assert not list((tmp_path / "results" / "plots").glob(".*tmp*"))  # written atomically
+
+
+def test_a_missing_metrics_log_is_an_error_naming_it(tmp_path):
+    save_model(tmp_path / "final.pt", GPT(ARCH), ARCH, run_dir="run-gone")
+    with pytest.raises(ValueError, match=r"run-gone/metrics.jsonl: no such metrics log"):
+        report.metrics_path(tmp_path / "final.pt")
+
+
+def test_every_caption_the_snakefile_names_exists():
+    captions = re.findall(r'caption="([^"]+)"', (ROOT / "Snakefile").read_text())
+    assert len(captions) == 3
+    for c in captions:
+        text = (ROOT / c).read_text()
+        assert len(text.split()) > 20, c
