@@ -30,7 +30,8 @@ RESULTS = str(S.val.results_dir)
 
 def source(*names):
     """Source files a rule runs: editing one of them reruns the rule (Snakemake does not see imports)."""
-    return [os.path.join(workflow.basedir, name) for name in names]
+    # relative to the working directory, so that a moved or copied checkout does not rerun everything
+    return [os.path.relpath(os.path.join(workflow.basedir, name)) for name in names]
 
 
 STAGE_IO = "pipeline/io.py"
@@ -148,7 +149,7 @@ rule train:
     params:
         train=cfg.as_plain_dict(S.train),
         architecture=cfg.as_plain_dict(S.architecture),
-    threads: workflow.cores
+    threads: os.cpu_count() or 1  # scaled down to --cores by Snakemake
     log:
         f"{CKPT}/logs/train.log",
     run:
@@ -170,7 +171,7 @@ rule evaluate:
         start_predicting_from_what_token=S.train.start_predicting_from_what_token,
         device=S.train.device,
         dtype=S.train.dtype,
-    threads: workflow.cores
+    threads: os.cpu_count() or 1  # scaled down to --cores by Snakemake
     log:
         f"{RESULTS}/logs/evaluate.log",
     run:

@@ -9,11 +9,11 @@ from pipeline.config import ConfigError, Settings
 SUFFIXES = (".jsonl.zst", ".jsonl")
 
 
-def discover_chunks(folder: str | Path) -> dict[str, Path]:
+def discover_chunks(folder: str | Path, where: str = "") -> dict[str, Path]:
     """{stem: path} of the *.jsonl and *.jsonl.zst files in `folder`, sorted by stem ('00' ... '29', 'val')."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"[preprocessing] path_to_original_data: {folder} is not a folder")
+        raise ConfigError(f"{where}[preprocessing] path_to_original_data: {folder} is not a folder")
     chunks: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         suffix = next((s for s in SUFFIXES if path.name.endswith(s)), None)
@@ -21,17 +21,17 @@ def discover_chunks(folder: str | Path) -> dict[str, Path]:
             continue
         stem = path.name[: -len(suffix)]
         if stem in chunks:
-            raise ConfigError(f"[preprocessing] path_to_original_data: chunk {stem!r} is there twice "
+            raise ConfigError(f"{where}[preprocessing] path_to_original_data: chunk {stem!r} is there twice "
                               f"({chunks[stem].name} and {path.name}); keep one")
         chunks[stem] = path
     if not chunks:
-        raise ConfigError(f"[preprocessing] path_to_original_data: {folder} holds no *.jsonl or *.jsonl.zst chunk")
+        raise ConfigError(f"{where}[preprocessing] path_to_original_data: {folder} holds no *.jsonl or *.jsonl.zst chunk")
     return dict(sorted(chunks.items()))
 
 
 def select_chunks(settings: Settings) -> tuple[list[str], str, dict[str, Path]]:
     """(train chunks, val chunk, {chunk: path} of just those): the first num_of_chunks_to_use non-val chunks."""
-    chunks = discover_chunks(settings.preprocessing.path_to_original_data)
+    chunks = discover_chunks(settings.preprocessing.path_to_original_data, f"{settings.path} ")
     val = settings.val.data_from_what_chunk_to_use
     if val not in chunks:
         raise ConfigError(f"{settings.path} [val] data_from_what_chunk_to_use: {val!r} is not a chunk of "

@@ -89,7 +89,8 @@ def atomic_output(path: str | Path, is_dir: bool = False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    _remove(tmp)
+    for stale in path.parent.glob(f".{path.name}.tmp.*"):  # left by a killed job writing the same output
+        _remove(stale)
     if is_dir:
         tmp.mkdir()
     try:
