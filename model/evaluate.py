@@ -306,8 +306,10 @@ def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_t
         table = markdown_table(res)
         write_json(out_json, doc)
         with atomic_output(out_table) as tmp:
+            skipped = (f", {total.documents_skipped:,} with no position from {start} on left out"
+                       if total.documents_skipped else "")
             tmp.write_text(f"Validation perplexity of `{model_path}` on `{val_shard}` "
-                           f"({total.documents:,} documents; positions from {start} on).\n\n{table}",
+                           f"({total.documents:,} documents{skipped}; positions from {start} on).\n\n{table}",
                            encoding="utf-8")
         if logfh is not sys.stderr:
             print(table, file=logfh)
