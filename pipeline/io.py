@@ -14,7 +14,7 @@ import orjson
 import zstandard
 from tqdm import tqdm
 
-READ_BLOCK = 1 << 22  # 4 MiB of compressed or plain bytes at a time: memory stays flat whatever the file's size
+READ_BLOCK = 1 << 20  # 1 MiB of compressed or plain bytes at a time: memory stays flat whatever the file's size
 
 
 class InputError(ValueError):

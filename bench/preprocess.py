@@ -1,0 +1,156 @@
+"""Preprocessing throughput and memory: every stage on a sample-sized chunk and on one 10x its size.
+
+    python bench/preprocess.py [--base 3] [--scale 10] [--repeats 3] [--threads 2]
+
+The small chunk is the sample corpus's chunk 00 repeated --base times (3: more documents than one
+4096-document row group, so every buffer is at its working size), the large one --scale times that.
+
+Each stage runs in a child process, as under Snakemake; its time is measured inside the child around the
+stage function (imports excluded) and its peak RSS is the child's own (wait4). In the same run, raw
+tiktoken `encode_ordinary_batch` encodes the same documents with the same threads:
+
+- over the filtered texts, the very strings the tokenize stage encodes (target: filter + tokenize
+  together at least 0.8x the raw tokenizer's throughput), and
+- over the original, uncut texts of the chunk, for scale.
+
+Medians of --repeats runs; figures are MB of decompressed JSON lines (filter), MB of text (tokenize,
+raw tokenizer) and tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.corpus import sample_lines, write_chunk  # noqa: E402
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+args = json.loads(sys.argv[1])
+stage = args.pop("stage")
+if stage == "raw":
+    import pyarrow.parquet as pq
+    from pipeline.tokenizer import gpt2_encoding
+    from pipeline.io import iter_lines
+    import orjson
+    if args["source"].endswith(".parquet"):
+        texts = pq.read_table(args["source"]).column("text").to_pylist()
+    else:
+        texts = [orjson.loads(line)["text"] for _, line in iter_lines(args["source"])]
+    enc = gpt2_encoding()
+    enc.encode_ordinary("warm up")
+    t = time.perf_counter()
+    tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=args["threads"])))
+    seconds = time.perf_counter() - t
+    result = {{"tokens": tokens, "bytes": sum(len(x.encode()) for x in texts)}}
+else:
+    import importlib
+    module = importlib.import_module("pipeline." + stage)
+    from pipeline.tokenizer import gpt2_encoding
+    gpt2_encoding()  # load the ranks before the clock starts, as the raw tokenizer does
+    positional = args.pop("positional")
+    t = time.perf_counter()
+    result = module.run(*positional, **args)
+    seconds = time.perf_counter() - t
+print(json.dumps({{"seconds": seconds, "result": result}}, default=str))
+"""
+
+
+def run_child(stage: str, **kwargs) -> tuple[float, dict, float]:
+    """(seconds, the stage's result, peak RSS in MB) of one stage run in a fresh process."""
+    code = CHILD.format(root=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps({"stage": stage, **kwargs})],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{stage} failed")
+    data = json.loads(out.strip().splitlines()[-1])
+    return data["seconds"], data["result"], usage.ru_maxrss / 1024
+
+
+def bench_chunk(folder: Path, src: Path, repeats: int, threads: int) -> dict:
+    """Median seconds and max peak RSS of each stage, and of the raw tokenizer, on one chunk."""
+    work = folder / src.name.split(".")[0]
+    paths = {"filtered": work / "filtered.parquet", "tokenized": work / "tokenized.parquet",
+             "sharded": work / "sharded", "val_sharded": work / "val_sharded"}
+    plan = [
+        ("filter", dict(positional=[str(src), str(paths["filtered"]), str(work / "filtered.json")],
+                        pile_sets_to_use=["Gutenberg (PG-19)", "Github", "Wikipedia (en)", "DM Mathematics",
+                                          "OpenSubtitles", "FreeLaw"], min_len_words=16, max_len_words=256)),
+        ("tokenize", dict(positional=[str(paths["filtered"]), str(paths["tokenized"]), str(work / "tok.json")],
+                          max_len_tokens=512, threads=threads)),
+        ("shard", dict(positional=[str(paths["tokenized"]), str(paths["sharded"])],
+                       max_num_of_tokens_in_batch=2100, tokens_per_shard=262144)),
+        ("split", dict(positional=[[str(paths["sharded"])], str(paths["sharded"]), str(work / "train.json"),
+                                   str(work / "val.arrow"), str(work / "split.json")],
+                       num_of_docs=200, seed=1)),
+        ("raw", dict(source=str(paths["filtered"]), threads=threads)),
+        ("raw", dict(source=str(src), threads=threads)),
+    ]
+    rows = {}
+    for i, (stage, kwargs) in enumerate(plan):
+        name = {4: "raw tiktoken, filtered texts", 5: "raw tiktoken, original texts"}.get(i, stage)
+        runs = [run_child(stage, **json.loads(json.dumps(kwargs))) for _ in range(repeats)]
+        rows[name] = {"seconds": statistics.median(r[0] for r in runs), "result": runs[0][1],
+                      "rss_mb": max(r[2] for r in runs)}
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=int, default=3, help="the small chunk is sample chunk 00 this many times")
+    ap.add_argument("--scale", type=int, default=10, help="the large chunk is the small one this many times")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    lines = sample_lines("00") * args.base
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        chunks = {"1x": write_chunk(tmp / "small.jsonl.zst", lines),
+                  f"{args.scale}x": write_chunk(tmp / "large.jsonl.zst", lines * args.scale)}
+        json_mb = {k: sum(len(x) + 1 for x in lines) * (1 if k == "1x" else args.scale) / 1e6 for k in chunks}
+        print(f"threads={args.threads}, repeats={args.repeats} (medians), python {sys.version.split()[0]}, "
+              f"{os.cpu_count()} cores")
+        results = {}
+        for label, src in chunks.items():
+            rows = bench_chunk(tmp, src, args.repeats, args.threads)
+            results[label] = rows
+            tok = rows["tokenize"]["result"]
+            text_mb = rows["raw tiktoken, filtered texts"]["result"]["bytes"] / 1e6
+            print(f"\nchunk {label}: {json_mb[label]:.1f} MB of JSON lines, {rows['filter']['result']['docs_in']} "
+                  f"documents -> {tok['docs']} kept, {text_mb:.1f} MB of text, {tok['tokens']:,} tokens")
+            print(f"{'stage':32} {'seconds':>8} {'MB/s':>8} {'Mtok/s':>8} {'peak RSS MB':>12}")
+            for name, row in rows.items():
+                s = row["seconds"]
+                if name == "filter":
+                    mb, tokens = json_mb[label], None
+                elif name.startswith("raw"):
+                    mb, tokens = row["result"]["bytes"] / 1e6, row["result"]["tokens"]
+                else:
+                    mb, tokens = text_mb, tok["tokens"]
+                print(f"{name:32} {s:8.3f} {mb / s:8.1f} {(tokens or 0) / s / 1e6:8.2f} {row['rss_mb']:12.0f}")
+            together = rows["filter"]["seconds"] + rows["tokenize"]["seconds"]
+            raw = rows["raw tiktoken, filtered texts"]["seconds"]
+            ratio = raw / together
+            print(f"filter+tokenize throughput / raw tiktoken's (same documents, {args.threads} threads): "
+                  f"{ratio:.2f}x  [target >= 0.8: {'PASS' if ratio >= 0.8 else 'FAIL'}]")
+        small, large = results["1x"], results[f"{args.scale}x"]
+        print(f"\npeak RSS, {args.scale}x chunk / 1x chunk (target: flat, every job < 1024 MB):")
+        for name in ("filter", "tokenize", "shard", "split"):
+            a, b = small[name]["rss_mb"], large[name]["rss_mb"]
+            print(f"  {name:10} {a:6.0f} MB -> {b:6.0f} MB  ({b / a:.2f}x)  {'PASS' if b < 1024 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
