@@ -345,7 +345,8 @@ def main(argv=None) -> int:
             args.device or s.train.device, args.dtype or s.train.dtype, args.threads, log=None,
             expected_arch=s.architecture, untrained_baseline=not args.no_untrained)
     except (ConfigError, ModelFileError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = ("; give the --ini of the run that trained it" if "another architecture" in str(e) else "")
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     return 0
 

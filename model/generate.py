@@ -41,7 +41,7 @@ def encode_prompt(text: str, context: int, n_new: int, number: int = 1) -> list[
 
     if not text or not text.strip():
         raise PromptError(f"prompt {number} is empty; give some text to continue")
-    if n_new >= context:
+    if n_new > context - 2:  # the start token and at least one prompt token must fit
         raise PromptError(f"how_many_tokens_to_generate = {n_new} leaves no room for a prompt in the model's context "
                           f"of {context} positions; ask for at most {context - 2}")
     ids = [EOT] + gpt2_encoding().encode(text, disallowed_special=())
@@ -279,7 +279,8 @@ def main(argv=None) -> int:
             completions = generate_text(model, arch, args.prompt, inference, use_cache=not args.no_cache,
                                         dtype=dtype)
     except (ConfigError, ModelFileError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = ("; give the --ini of the run that trained it" if "another architecture" in str(e) else "")
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     how = inference.inference_method + (f" (beam_size {inference.beam_size})" if inference.inference_method ==
                                         "beam_search" else "")
