@@ -73,17 +73,15 @@ def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def smooth(y: np.ndarray, span: int) -> np.ndarray:
-    """Exponential moving average with the weight of the last `span` points, started without bias."""
+    """Centred moving average over `span` points (fewer at the ends): no lag behind the raw curve."""
+    y = np.asarray(y, dtype=np.float64)
     if len(y) == 0:
         return y
-    alpha = 2.0 / (span + 1)
-    out = np.empty_like(y, dtype=np.float64)
-    avg, weight = 0.0, 0.0
-    for i, v in enumerate(y):
-        avg = (1 - alpha) * avg + alpha * v
-        weight = (1 - alpha) * weight + alpha
-        out[i] = avg / weight
-    return out
+    half = span // 2
+    csum = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(len(y))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(y))
+    return (csum[hi] - csum[lo]) / (hi - lo)
 
 
 def _span(n: int) -> int:
@@ -103,7 +101,7 @@ def plot_training(metrics: dict, perplexity: dict | None, path) -> None:
         x, loss = train["tokens"], train["loss"]
         ax.plot(x, loss, color="tab:blue", alpha=0.25, lw=0.8, label="training loss (per step)")
         ax.plot(x, smooth(loss, _span(len(loss))), color="tab:blue", lw=1.8,
-                label=f"training loss (moving average, {_span(len(loss))} steps)")
+                label=f"training loss (centred moving average, {_span(len(loss))} steps)")
         ax_lr.plot(x, train["lr"], color="tab:green", lw=1.5)
     if "tokens" in val and len(val["tokens"]):
         ax.plot(val["tokens"], val["val_loss"], "o-", color="tab:orange", ms=4, lw=1.5,

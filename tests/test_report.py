@@ -74,10 +74,11 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path):
         report.read_metrics(path)
 
 
-def test_smooth_is_an_unbiased_moving_average():
-    assert np.allclose(report.smooth(np.full(10, 3.0), 5), 3.0)  # no pull towards 0 at the start
+def test_smooth_is_a_centred_moving_average():
+    assert np.allclose(report.smooth(np.full(10, 3.0), 5), 3.0)  # no pull towards 0 at the ends
     y = report.smooth(np.r_[np.zeros(50), np.ones(50)], 5)
-    assert y[49] == 0 and 0.99 < y[-1] <= 1
+    assert y[0] == 0 and y[-1] == 1 and y[47] == 0 and y[52] == 1 and (np.diff(y) >= 0).all()
+    assert y[49] == pytest.approx(0.4) and y[50] == pytest.approx(0.6)  # centred: no lag
 
 
 def image(path):
