@@ -156,7 +156,7 @@ def plot_perplexity(perplexity: dict, path) -> None:
         f = subsets[k]
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                 f"  {f['perplexity']:,.1f}  ({f['bits_per_byte']:.2f} bits/byte, {f['documents']:,} docs)",
-                va="center", fontsize=8)
+                va="center", fontsize=8, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
     total = perplexity["overall"]
     ax.axvline(total["perplexity"], color="tab:red", ls="--", lw=1.2,
                label=f"overall {total['perplexity']:,.1f} ({total['bits_per_byte']:.3f} bits/byte)")
