@@ -140,12 +140,15 @@ def _decode_batch(model, prompts: list[list[int]], n_new: int, choose, use_cache
 
 
 def beam_search(model, prompt: list[int], n_new: int, beam_size: int, use_cache: bool = True,
-                dtype: str = "float32", stop_at_eot: bool = True) -> list[int]:
-    """The most likely continuation (sum of log-probabilities, no length penalty) that beam search finds.
+                dtype: str = "float32", stop_at_eot: bool = True, length_penalty: float = 1.0) -> list[int]:
+    """The best continuation that beam search finds, by sum of log p / (new tokens) ** length_penalty.
 
-    Each step extends every live beam by every token and keeps the beam_size best; a hypothesis that picks
-    <|endoftext|> is finished. Scores only fall as a hypothesis grows, so the search stops as soon as a finished
-    hypothesis scores at least as high as the best live one. With beam_size 1 this is greedy search.
+    Each step extends every live beam by every token and keeps the beam_size best by sum of log p; a hypothesis
+    that picks <|endoftext|> is finished (that token counted in its length). The search ends when beam_size
+    hypotheses are finished or after n_new tokens; with length_penalty 0 also as soon as a finished hypothesis
+    beats every live one (sums only fall as a hypothesis grows). Then the best finished or live hypothesis
+    wins. length_penalty 0 is the plain probability, which favours ending early; 1 is the mean log p per token.
+    With beam_size 1 this is greedy search.
     """
     device = next(model.parameters()).device
     idx = torch.tensor([prompt] * beam_size, dtype=torch.long, device=device)
@@ -154,7 +157,7 @@ def beam_search(model, prompt: list[int], n_new: int, beam_size: int, use_cache:
     scores = torch.full((beam_size,), -math.inf, dtype=torch.float64)
     scores[0] = 0.0  # the beams start as copies of one prompt: expand only the first
     seqs: list[list[int]] = [[] for _ in range(beam_size)]
-    finished: list[tuple[float, list[int]]] = []
+    finished: list[tuple[float, int, list[int]]] = []  # (sum of log p, length, tokens)
     logits = stepper.first()
     for k in range(n_new):
         logp = torch.log_softmax(logits.double().cpu(), dim=-1)
@@ -166,16 +169,18 @@ def beam_search(model, prompt: list[int], n_new: int, beam_size: int, use_cache:
                 break
             b, t = divmod(i, vocab)
             if stop_at_eot and t == EOT:
-                finished.append((s, seqs[b]))
+                finished.append((s, len(seqs[b]) + 1, seqs[b]))
             else:
                 live.append((s, b, t))
                 if len(live) == beam_size:
                     break
-        if not live or (finished and max(f[0] for f in finished) >= live[0][0]):
+        if not live or len(finished) >= beam_size:
+            break
+        if length_penalty == 0 and finished and max(f[0] for f in finished) >= live[0][0]:
             break
         seqs = [seqs[b] + [t] for _, b, t in live]
         if k == n_new - 1:
-            finished.extend((s, seq) for (s, _, _), seq in zip(live, seqs))
+            finished.extend((s, len(seq), seq) for (s, _, _), seq in zip(live, seqs))
             break
         n_live = len(live)
         scores = torch.full((beam_size,), -math.inf, dtype=torch.float64)
@@ -185,12 +190,15 @@ def beam_search(model, prompt: list[int], n_new: int, beam_size: int, use_cache:
         seqs += [list(seqs[0]) for _ in range(beam_size - n_live)]
         stepper.reorder(torch.tensor(index, dtype=torch.long))
         logits = stepper.step(torch.tensor(tokens, dtype=torch.long))
-    return max(finished, key=lambda f: f[0])[1] if finished else []
+    if not finished:
+        return []
+    return max(finished, key=lambda f: f[0] / f[1] ** length_penalty)[2]
 
 
 def generate(model, prompts: list[list[int]], n_new: int, method: str = "greedy_search", beam_size: int = 4,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 1234,
-             use_cache: bool = True, dtype: str = "float32", stop_at_eot: bool = True) -> list[list[int]]:
+             use_cache: bool = True, dtype: str = "float32", stop_at_eot: bool = True,
+             length_penalty: float = 1.0) -> list[list[int]]:
     """New tokens for each prompt (token lists, <|endoftext|> first), without the stopping <|endoftext|>."""
     if method not in METHODS:
         raise ValueError(f"inference_method {method!r} is not one of {', '.join(METHODS)}")
@@ -199,7 +207,7 @@ def generate(model, prompts: list[list[int]], n_new: int, method: str = "greedy_
     with torch.inference_mode():
         if method == "beam_search":
             for i, p in enumerate(prompts):
-                out[i] = beam_search(model, p, n_new, beam_size, use_cache, dtype, stop_at_eot)
+                out[i] = beam_search(model, p, n_new, beam_size, use_cache, dtype, stop_at_eot, length_penalty)
             return out
         if method == "greedy_search":
             def choose(logits):
@@ -227,7 +235,8 @@ def generate_text(model, arch, texts: list[str], settings, use_cache: bool = Tru
     n_new = settings.how_many_tokens_to_generate
     prompts = [encode_prompt(t, arch.positional_encoding_max_pos, n_new, i + 1) for i, t in enumerate(texts)]
     new = generate(model, prompts, n_new, settings.inference_method, settings.beam_size, settings.temperature,
-                   settings.top_k, settings.top_p, settings.seed, use_cache=use_cache, dtype=dtype)
+                   settings.top_k, settings.top_p, settings.seed, use_cache=use_cache, dtype=dtype,
+                   length_penalty=settings.length_penalty)
     enc = gpt2_encoding()
     return [enc.decode(tokens) for tokens in new]
 
@@ -235,6 +244,7 @@ def generate_text(model, arch, texts: list[str], settings, use_cache: bool = Tru
 FLAGS = {  # command-line flag -> [inference] key
     "tokens": "how_many_tokens_to_generate", "method": "inference_method", "beam_size": "beam_size",
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
+    "length_penalty": "length_penalty",
 }
 
 
@@ -249,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, help="[inference] how_many_tokens_to_generate")
     p.add_argument("--method", help="[inference] inference_method: greedy_search | beam_search | sampling")
     p.add_argument("--beam-size", type=int, help="[inference] beam_size")
+    p.add_argument("--length-penalty", type=float, help="[inference] length_penalty (beam_search)")
     p.add_argument("--temperature", type=float, help="[inference] temperature")
     p.add_argument("--top-k", type=int, help="[inference] top_k")
     p.add_argument("--top-p", type=float, help="[inference] top_p")

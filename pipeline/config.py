@@ -166,6 +166,8 @@ class Inference:
     how_many_tokens_to_generate: int = _key("new tokens per prompt (stops early at <|endoftext|>)", default=20)
     inference_method: str = _key("greedy_search | beam_search | sampling", default="greedy_search")
     beam_size: int = _key("beams of beam_search", default=4)
+    length_penalty: float = _key("beam_search ranks answers by sum log p / (new tokens) ** length_penalty "
+                                 "(0 = plain probability, which favours ending early; 1 = mean log p)", default=1.0)
     temperature: float = _key("sampling temperature", default=1.0)
     top_k: int = _key("sample among the k most likely tokens (0 = all)", default=0)
     top_p: float = _key("nucleus sampling: smallest set of tokens with this much probability (1 = all)",
@@ -183,6 +185,8 @@ class Inference:
                 "must be at least 1")
         if self.temperature <= 0:
             err("temperature", f"must be positive, not {self.temperature}")
+        if not math.isfinite(self.length_penalty):
+            err("length_penalty", f"must be a number, not {self.length_penalty}")
         if self.top_k < 0:
             err("top_k", f"must be 0 or more, not {self.top_k}")
         if not 0 < self.top_p <= 1:

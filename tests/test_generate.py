@@ -118,6 +118,27 @@ def test_beam_search_finds_the_likelier_sequence_that_greedy_misses():
     assert generate(m, [[EOT]], 5, method="beam_search", beam_size=1) == [[m.A, m.X]]
 
 
+class EarlyEndModel(MarkovModel):
+    """After the start: <|endoftext|> 0.3, A 0.25, B 0.25.  A C C ... each 0.9;  B X 0.9, then <|endoftext|> 1.
+
+    The plain probability prefers the empty answer (0.3 > B X <|endoftext|> 0.225); per token (the
+    <|endoftext|> counted), B X <|endoftext|> wins: mean log p -0.50 against -1.20 (empty) and -0.53 (A C C)."""
+
+    def __init__(self):
+        super().__init__()
+        table = torch.full((20, VOCAB_SIZE), -30.0)
+        table[EOT % 20, [EOT, self.A, self.B]] = torch.tensor([0.3, 0.25, 0.25]).log()
+        table[self.A, self.C] = table[self.B, self.X] = table[self.C, self.C] = math.log(0.9)
+        table[self.X, EOT] = 0.0
+        self.table = table
+
+
+def test_length_penalty_0_favours_ending_early_and_1_ranks_by_mean_log_p():
+    m = EarlyEndModel()
+    assert generate(m, [[EOT]], 3, method="beam_search", beam_size=3, length_penalty=0) == [[]]
+    assert generate(m, [[EOT]], 3, method="beam_search", beam_size=3, length_penalty=1.0) == [[m.B, m.X]]
+
+
 def test_kv_cache_reads_each_position_once_whatever_the_prompt():
     """The cost per new token: positions fed through the model, counted at the token embedding."""
     model = random_model()
