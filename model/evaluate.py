@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import EOT, PILE_SET_NAMES
+from pipeline.config import EOT, PILE_SET_NAMES, VOCAB_SIZE
 from pipeline.io import atomic_output, log_file, progress, write_json
 from pipeline.shards import ShardReader
 from pipeline.tokenizer import token_byte_lengths
@@ -104,12 +104,20 @@ def targets_of(tokens: np.ndarray) -> np.ndarray:
     return targets
 
 
+@torch.inference_mode()
 def token_nll(model, tokens: np.ndarray, device: torch.device, dtype: str = "float32") -> np.ndarray:
     """(n, L) documents -> (n, L) float64 -ln p(target of each position), in nats."""
     idx = torch.from_numpy(tokens.astype(np.int64)).to(device)
     tgt = torch.from_numpy(targets_of(tokens).astype(np.int64)).to(device)
-    with torch.inference_mode(), autocast(device, dtype):
-        logits = model(idx)
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+        # the blocks under autocast, the output layer in float32: bfloat16 logits (3 significant digits)
+        # would blur the log-probabilities this function exists to measure
+        with autocast(device, dtype):
+            hidden = model.hidden_states(idx)
+        logits = F.linear(hidden.float(), model.lm_head.weight[:VOCAB_SIZE].float())
+    else:
+        with autocast(device, dtype):
+            logits = model(idx)
     out = torch.empty(idx.shape, dtype=torch.float64)
     # one document at a time: a float32 log-softmax of the whole batch would double the logits' memory
     for r in range(idx.shape[0]):
