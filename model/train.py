@@ -76,25 +76,39 @@ def inputs_and_targets(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i -log softmax(h_i W^T)[y_i], with a hand-written backward: softmax(logits) - onehot(y), computed in
-    place in the saved float32 logits. On a CPU this halves the passes over the (tokens x 50,257) logits that
-    autograd's log_softmax + nll_loss make (their backward alone was a third of a small model's step)."""
+    """sum_i -log softmax(h_i W^T)[y_i] with a hand-written backward, for the CPU.
+
+    The (tokens x 50,257) logits are made ROWS rows at a time and turned into probabilities while they are in
+    cache; only the probabilities (in h's dtype) go to memory, saved for the backward pass, which is
+    (softmax - onehot(y)) @ W and its transpose @ h. Autograd's log_softmax + nll_loss make about ten passes
+    over the whole logits matrix in memory, which dominated a small model's training step.
+    """
+
+    ROWS = 64
 
     @staticmethod
     def forward(ctx, h, w, y):
-        logits = (h @ w.t()).float()
-        lse = torch.logsumexp(logits, dim=1)
-        loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-        ctx.save_for_backward(h, w, y, logits, lse)
+        keep = any(ctx.needs_input_grad)  # no backward (validation): no probabilities to keep
+        probs = torch.empty(h.shape[0] if keep else 0, w.shape[0], dtype=h.dtype, device=h.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for a in range(0, h.shape[0], LinearCrossEntropy.ROWS):
+            z = (h[a:a + LinearCrossEntropy.ROWS] @ w.t()).float()
+            target_logit = z.gather(1, y[a:a + LinearCrossEntropy.ROWS, None])
+            m = z.amax(dim=1, keepdim=True)
+            z = z.sub_(m).exp_()
+            s = z.sum(dim=1, keepdim=True)
+            loss += (s.log() + m - target_logit).sum()
+            if keep:
+                probs[a:a + LinearCrossEntropy.ROWS] = z.div_(s)
+        ctx.save_for_backward(h, w, y, probs)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        h, w, y, logits, lse = ctx.saved_tensors
-        p = logits.sub_(lse[:, None]).exp_()        # softmax, in place (the logits are not needed again)
-        p[torch.arange(len(y), device=y.device), y] -= 1.0
-        p = p.mul_(grad).to(h.dtype)
-        return p @ w, p.t() @ h, None
+        h, w, y, probs = ctx.saved_tensors
+        probs[torch.arange(len(y), device=y.device), y] -= 1.0  # softmax - onehot, in place (used once)
+        grad = grad.to(h.dtype)
+        return (probs @ w) * grad, (probs.t() @ h) * grad, None
 
 
 class LossModel(nn.Module):
@@ -351,6 +365,9 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     device = pick_device(t.device, d)
+    if device.type == "cuda":  # TF32 matmuls for float32 (bfloat16/float16 autocast does not need it)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if d.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     n_threads = t.threads or max(1, (threads or os.cpu_count() or 1) // (d.world if device.type == "cpu" else 1))
@@ -441,7 +458,7 @@ def _train(settings, d: Dist, device, run_dir: Path, fingerprint, train_manifest
                 if tokens.shape[1] <= start:
                     continue
                 x, y = inputs_and_targets(tokens)
-                nll += LossModel.forward(model_plain, x.to(device), y.to(device), start).item()
+                nll += model_plain(x.to(device), y.to(device), start).item()
                 n += tokens.shape[0] * predicted_positions(tokens.shape[1], start)
         gpt.train()
         return nll / max(n, 1)
