@@ -154,9 +154,9 @@ def plot_perplexity(perplexity: dict, path) -> None:
     bars = ax.barh(names, ppl, color="tab:blue", alpha=0.8)
     for bar, k in zip(bars, names):
         f = subsets[k]
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                f"  {f['perplexity']:,.1f}  ({f['bits_per_byte']:.2f} bits/byte, {f['documents']:,} docs)",
-                va="center", fontsize=8, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+        ax.annotate(f"{f['perplexity']:,.1f}  ({f['bits_per_byte']:.2f} bits/byte, {f['documents']:,} docs)",
+                    (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(5, 0), textcoords="offset points",
+                    va="center", fontsize=8, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
     total = perplexity["overall"]
     ax.axvline(total["perplexity"], color="tab:red", ls="--", lw=1.2,
                label=f"overall {total['perplexity']:,.1f} ({total['bits_per_byte']:.3f} bits/byte)")
