@@ -196,7 +196,8 @@ def test_prompt_longer_than_the_context_keeps_its_last_tokens_with_a_warning():
 def test_asking_for_more_tokens_than_the_context_is_an_error():
     with pytest.raises(ValueError, match="at most 62"):
         encode_prompt("hello", context=64, n_new=63)
-    assert encode_prompt("hello world", context=64, n_new=62) == [EOT, gpt2_encoding().encode(" world")[0]]
+    with pytest.warns(UserWarning, match="only its last 1 tokens"):
+        assert encode_prompt("hello world", context=64, n_new=62) == [EOT, gpt2_encoding().encode(" world")[0]]
 
 
 @pytest.fixture
