@@ -2,6 +2,7 @@
 
     python bench/train.py                       # default config's model and GPT-2 small, float32 and bfloat16
     python bench/train.py --models gpt2-small --dtypes bfloat16 --compile --device cuda
+    python bench/train.py --models gpt2-small --dtypes bfloat16 --accumulate 1,4   # 4 batches per AdamW step
 
 For each model and dtype: forward + backward + AdamW step on batches of max_num_of_tokens_in_batch tokens
 (4 documents of 513 tokens, the longest batches of the seed's data) or, with --split, on the real batches of
@@ -75,7 +76,7 @@ def split_batches(train_json, n: int, rng):
         yield np.array(r[i].tokens)
 
 
-def bench_model(name, arch, dtype_name, device, batches, start, compile_, warmup, log):
+def bench_model(name, arch, dtype_name, device, batches, start, compile_, warmup, log, accumulate=1):
     torch.manual_seed(0)
     gpt = GPT(arch).to(device)
     model = LossModel(gpt)
@@ -86,12 +87,17 @@ def bench_model(name, arch, dtype_name, device, batches, start, compile_, warmup
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not torch.float32 else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
 
+    calls = [0]
+
     def step(tokens):
         x, y = inputs_and_targets(tokens)
         x, y = x.to(device), y.to(device)
         with ctx():
             loss = model(x, y, start) / (x.shape[0] * (x.shape[1] - start))
         scaler.scale(loss).backward()
+        calls[0] += 1
+        if calls[0] % accumulate:  # gradient accumulation: the optimizer steps every `accumulate` batches
+            return
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
         scaler.step(opt)
@@ -110,7 +116,7 @@ def bench_model(name, arch, dtype_name, device, batches, start, compile_, warmup
     dt = time.perf_counter() - t0
     n_steps = len(batches) - warmup
     params = gpt.num_params() - gpt.transformer.wpe.weight.numel()
-    return {"model": name, "dtype": dtype_name, "params": params, "tokens_per_s": tokens_done / dt,
+    return {"model": name, "dtype": dtype_name, "accumulate": accumulate, "params": params, "tokens_per_s": tokens_done / dt,
             "step_s": dt / n_steps, "tokens_per_step": tokens_done / n_steps,
             "model_flops_per_s": 6 * params * tokens_done / dt}
 
@@ -124,6 +130,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per model (0: 3 for GPT-2 small on CPU, 20 else)")
+    p.add_argument("--accumulate", default="1", help="batches per optimizer step, e.g. 1,4 (each is timed)")
     p.add_argument("--split", default=None, help="a train.json: time the default model on its real batches")
     a = p.parse_args(argv)
 
@@ -155,13 +162,16 @@ def main(argv=None):
             batches = list(split_batches(a.split, steps + warmup, rng))
         else:
             batches = list(synthetic_batches(arch, budget, steps + warmup, rng))
-        for dt in a.dtypes.split(","):
-            r = bench_model(name, arch, dt, device, batches, start, a.compile, warmup, sys.stdout)
+        for dt, acc in [(dt, int(k)) for dt in a.dtypes.split(",") for k in a.accumulate.split(",")]:
+            warm = warmup if acc == 1 else acc  # warm-up: one whole optimizer step
+            n = warm + max(steps, acc) // acc * acc  # then whole optimizer steps
+            batches_k = (batches * (n // len(batches) + 1))[:n]
+            r = bench_model(name, arch, dt, device, batches_k, start, a.compile, warm, sys.stdout, acc)
             r["mfu"] = r["model_flops_per_s"] / peaks[dt]
             r["mfu_best_peak"] = r["model_flops_per_s"] / best_peak
             rows.append(r)
-            print(f"{name:10s} {dt:9s} params {r['params'] / 1e6:7.2f} M  {r['tokens_per_step']:6.0f} tok/step  "
-                  f"step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
+            print(f"{name:10s} {dt:9s} x{acc} params {r['params'] / 1e6:7.2f} M  {r['tokens_per_step']:6.0f} tok/step  "
+                  f"{r["step_s"] * 1e3:8.1f} ms/batch  {r['tokens_per_s']:9.0f} tok/s  "
                   f"{r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {100 * r['mfu']:5.1f}% of the {dt} peak, "
                   f"{100 * r['mfu_best_peak']:5.1f}% of the best peak", flush=True)
     return rows
