@@ -170,8 +170,8 @@ def main(argv=None):
             r["mfu"] = r["model_flops_per_s"] / peaks[dt]
             r["mfu_best_peak"] = r["model_flops_per_s"] / best_peak
             rows.append(r)
-            print(f"{name:10s} {dt:9s} x{acc} params {r['params'] / 1e6:7.2f} M  {r['tokens_per_step']:6.0f} tok/step  "
-                  f"{r["step_s"] * 1e3:8.1f} ms/batch  {r['tokens_per_s']:9.0f} tok/s  "
+            print(f"{name:10s} {dt:9s} x{acc} params {r['params'] / 1e6:7.2f} M  {r['tokens_per_step']:6.0f} tok/batch  "
+                  f"{r['step_s'] * 1e3:8.1f} ms/batch  {r['tokens_per_s']:9.0f} tok/s  "
                   f"{r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {100 * r['mfu']:5.1f}% of the {dt} peak, "
                   f"{100 * r['mfu_best_peak']:5.1f}% of the best peak", flush=True)
     return rows
