@@ -24,7 +24,7 @@ STAGE_FILES = {"filter": "filtered/{}.parquet", "tokenize": "tokenized/{}.parque
                "split": "split/train.json"}
 
 
-def copy_workflow(folder: Path) -> Path:
+def copy_workflow(folder: Path, docs_per_chunk: int = 200) -> Path:
     """A copy of the workflow with a small corpus, and config.ini pointing at it."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.ini"):
@@ -32,7 +32,7 @@ def copy_workflow(folder: Path) -> Path:
     for package in ("pipeline", "model", "report"):
         if (ROOT / package).exists():
             shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
-    small_corpus(folder / "data" / "sample", docs_per_chunk=200)
+    small_corpus(folder / "data" / "sample", docs_per_chunk=docs_per_chunk)
     return folder
 
 
