@@ -10,7 +10,7 @@ SUFFIXES = (".jsonl.zst", ".jsonl")
 
 
 def discover_chunks(folder: str | Path, where: str = "") -> dict[str, Path]:
-    """{stem: path} of the *.jsonl and *.jsonl.zst files in `folder`, sorted by stem ('00' ... '29', 'val')."""
+    """{stem: path} of the *.jsonl and *.jsonl.zst files in `folder`, in chunk_order ('00' ... '29', 'val')."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{where}[preprocessing] path_to_original_data: {folder} is not a folder")
@@ -26,11 +26,17 @@ def discover_chunks(folder: str | Path, where: str = "") -> dict[str, Path]:
         chunks[stem] = path
     if not chunks:
         raise ConfigError(f"{where}[preprocessing] path_to_original_data: {folder} holds no *.jsonl or *.jsonl.zst chunk")
-    return dict(sorted(chunks.items()))
+    return dict(sorted(chunks.items(), key=lambda item: chunk_order(item[0])))
+
+
+def chunk_order(stem: str):
+    """Numbered chunks by number ('0', '1', ..., '10': the original's names sort as 00 ... 29), then the rest."""
+    return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
 
 
 def select_chunks(settings: Settings) -> tuple[list[str], str, dict[str, Path]]:
-    """(train chunks, val chunk, {chunk: path} of just those): the first num_of_chunks_to_use non-val chunks."""
+    """(train chunks, val chunk, {chunk: path} of just those): the first num_of_chunks_to_use non-val chunks
+    in chunk order."""
     chunks = discover_chunks(settings.preprocessing.path_to_original_data, f"{settings.path} ")
     val = settings.val.data_from_what_chunk_to_use
     if val not in chunks:

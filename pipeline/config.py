@@ -90,7 +90,7 @@ class Train:
     folder_to_save_state_dicts: Path = _key("folder of checkpoints (one sub-folder per run) and final.pt",
                                             default=Path("checkpoints"))
     epochs: int = _key("passes over the training chunks", default=1)
-    num_of_chunks_to_use: int = _key("train on the first N chunks (sorted by name), the validation chunk excluded",
+    num_of_chunks_to_use: int = _key("train on the first N chunks in numeric order, the validation chunk excluded",
                                      default=17)
     max_lr: float = _key("peak learning rate of AdamW", default=2.5e-4)
     warmup_steps: int = _key("linear warm-up over this many optimizer steps", default=40000)

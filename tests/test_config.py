@@ -117,6 +117,12 @@ def test_chunks_sorted_by_stem_and_only_the_used_ones(tmp_path):
     assert (train, val, sorted(paths)) == (["01", "02"], "val", ["01", "02", "val"])
 
 
+def test_numbered_chunks_sort_by_number_as_the_original_named_them(tmp_path):
+    for name in ("10.jsonl", "2.jsonl", "0.jsonl", "29.jsonl", "test.jsonl", "1.jsonl"):
+        (tmp_path / name).write_text("")
+    assert list(discover_chunks(tmp_path)) == ["0", "1", "2", "10", "29", "test"]
+
+
 def test_same_chunk_twice_is_an_error(tmp_path):
     (tmp_path / "00.jsonl").write_text("")
     (tmp_path / "00.jsonl.zst").write_text("")
