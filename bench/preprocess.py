@@ -6,7 +6,7 @@ The small chunk is the sample corpus's chunk 00 repeated --base times (3: more d
 4096-document row group, so every buffer is at its working size), the large one --scale times that.
 
 Each stage runs in a child process, as under Snakemake; its time is measured inside the child around the
-stage function (imports excluded) and its peak RSS is the child's own (wait4). In the same run, raw
+stage function (imports excluded) and its peak RSS is the child's own high-water mark (VmHWM). In the same run, raw
 tiktoken `encode_ordinary_batch` encodes the same documents with the same threads:
 
 - over the filtered texts, the very strings the tokenize stage encodes (target: filter + tokenize
@@ -62,7 +62,9 @@ else:
     t = time.perf_counter()
     result = module.run(*positional, **args)
     seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "result": result}}, default=str))
+# peak RSS of this process's own memory (VmHWM; ru_maxrss would include the parent's at fork)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"seconds": seconds, "result": result, "rss_mb": hwm / 1024}}, default=str))
 """
 
 
@@ -71,12 +73,11 @@ def run_child(stage: str, **kwargs) -> tuple[float, dict, float]:
     code = CHILD.format(root=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps({"stage": stage, **kwargs})],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed")
     data = json.loads(out.strip().splitlines()[-1])
-    return data["seconds"], data["result"], usage.ru_maxrss / 1024
+    return data["seconds"], data["result"], data["rss_mb"]
 
 
 def bench_chunk(folder: Path, src: Path, repeats: int, threads: int) -> dict:

@@ -12,13 +12,16 @@ stream is an error and leaves no output.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_output, count_by, iter_lines, log_file, progress, sha256_file, write_json
+from pipeline.io import atomic_output, count_per_subset, iter_lines, log_file, progress, sha256_file, write_json
 
 SCHEMA = pa.schema([("text", pa.string()), ("pile_set_name", pa.string())])
 ROWS_PER_GROUP = 4096
@@ -31,6 +34,11 @@ def cut_words(text: str, min_len_words: int, max_len_words: int) -> str | None:
     if len(words) < min_len_words:
         return None
     return " ".join(words[:max_len_words])
+
+
+def count_words(texts: pa.Array) -> np.ndarray:
+    """Words of texts that cut_words made (single spaces between words)."""
+    return pc.add(pc.count_substring(texts, " "), 1).to_numpy(zero_copy_only=False)
 
 
 def parse_line(line: bytes) -> tuple[str, str]:
@@ -61,9 +69,20 @@ def run(src, out, manifest, *, pile_sets_to_use, min_len_words: int, max_len_wor
         started = time.perf_counter()
         writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
 
+        # Parquet compresses on a thread of its own (pyarrow releases the GIL): one row group in flight.
+        write_pool, writing = ThreadPoolExecutor(1), None
+
         def flush():
+            nonlocal words_cut, writing
             if texts:
-                writer.write_table(pa.table({"text": texts, "pile_set_name": names}, schema=SCHEMA))
+                table = pa.table({"text": texts, "pile_set_name": names}, schema=SCHEMA)
+                if writing is not None:
+                    writing.result()
+                writing = write_pool.submit(writer.write_table, table)
+                words = count_words(table["text"])
+                words_cut += int(words.sum())
+                count_per_subset(kept, table["pile_set_name"], words=words,
+                                 bytes=pc.binary_length(table["text"]).to_numpy(zero_copy_only=False))
                 texts.clear(), names.clear()
 
         bar = progress(logfh, f"filter {Path(src).name}", "docs")
@@ -87,13 +106,14 @@ def run(src, out, manifest, *, pile_sets_to_use, min_len_words: int, max_len_wor
             if cut is None:
                 dropped["under_min_len_words"] += 1
                 continue
-            words_cut += cut.count(" ") + 1
             texts.append(cut)
             names.append(name)
-            count_by(kept, name, docs=1, bytes=len(cut.encode()))
             if len(texts) == ROWS_PER_GROUP:
                 flush()
         flush()
+        if writing is not None:
+            writing.result()
+        write_pool.shutdown()
         writer.close()
         bar.close()
         seconds = time.perf_counter() - started

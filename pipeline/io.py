@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import orjson
 import zstandard
 from tqdm import tqdm
@@ -50,11 +53,35 @@ def _zst_blocks(fh, path) -> Iterator[bytes]:
         raise InputError(f"{path}: the zstd stream ends early (truncated download?); no output written.")
 
 
+def _read_ahead(blocks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
+    """The same blocks, produced on a thread `depth` blocks ahead: zstd releases the GIL while it
+    decompresses, so decompression overlaps the caller's parsing."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for block in blocks:
+                q.put(block)
+            q.put(done)
+        except BaseException as e:  # re-raised in the caller's thread
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(line number from 1, line bytes without newline) of a .jsonl or .jsonl.zst file, streamed."""
     path = Path(path)
     with open(path, "rb") as fh:
-        blocks = _zst_blocks(fh, path) if path.name.endswith(".zst") else iter(lambda: fh.read(READ_BLOCK), b"")
+        blocks = (_read_ahead(_zst_blocks(fh, path)) if path.name.endswith(".zst")
+                  else iter(lambda: fh.read(READ_BLOCK), b""))
         rest, number = b"", 0
         for block in blocks:
             lines = (rest + block).split(b"\n")
@@ -136,6 +163,16 @@ def progress(logfh, desc: str, unit: str, total: int | None = None) -> tqdm:
     interactive = logfh is sys.stderr and sys.stderr.isatty()
     return tqdm(desc=desc, unit=unit, unit_scale=True, total=total, file=logfh, ascii=True, dynamic_ncols=False,
                 mininterval=0.5 if interactive else 5.0, ncols=100)
+
+
+def count_per_subset(mapping: dict, names, **amounts) -> None:
+    """count_by for a whole column at once: names (Arrow strings), amounts (numpy arrays), docs counted too."""
+    codes = names.dictionary_encode()
+    codes = codes.combine_chunks() if hasattr(codes, "combine_chunks") else codes
+    ids = codes.indices.to_numpy(zero_copy_only=False)
+    for i, name in enumerate(codes.dictionary.to_pylist()):
+        mine = ids == i
+        count_by(mapping, name, docs=np.count_nonzero(mine), **{k: v[mine].sum() for k, v in amounts.items()})
 
 
 def count_by(mapping: dict, key: str, **amounts) -> None:

@@ -4,38 +4,64 @@ GPT-2 marks document boundaries with <|endoftext|> (50256) and has no separate B
 document starts with it and the vocabulary stays GPT-2's 50,257. For every document the output keeps
 its subset and the UTF-8 bytes of the text its kept tokens cover (for bits per byte at evaluation).
 
-Reads the filtered Parquet file one row group at a time and encodes each group with tiktoken's
-`encode_ordinary_batch` on `threads` threads (tiktoken releases the GIL).
+Reads the filtered Parquet file one row group at a time and encodes it on `threads` threads (tiktoken
+releases the GIL), the next row group while this one is written.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import EOT
-from pipeline.io import atomic_output, count_by, log_file, progress, sha256_file, write_json
+from pipeline.io import atomic_output, count_per_subset, log_file, progress, sha256_file, write_json
 from pipeline.tokenizer import gpt2_encoding, token_byte_lengths
 
 SCHEMA = pa.schema([("tokens", pa.list_(pa.uint16())), ("pile_set_name", pa.string()), ("n_bytes", pa.int32())])
 
 
-def encode_documents(texts: list[str], max_len_tokens: int, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(offsets, tokens, documents cut): document i is tokens[offsets[i]:offsets[i+1]], EOT first."""
-    encoded = gpt2_encoding().encode_ordinary_batch(texts, num_threads=threads)
-    full = np.fromiter((len(t) for t in encoded), dtype=np.int64, count=len(encoded))
+SLICE = 256  # documents per task: small enough to spread a row group over the threads, big enough to be cheap
+
+
+def encode_slice(texts: list[str], max_len_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(lengths, tokens, documents cut) of a few documents: EOT + the first max_len_tokens BPE tokens each.
+
+    Runs on a worker thread; tiktoken releases the GIL while it encodes, so threads encode in parallel.
+    """
+    enc = gpt2_encoding()
+    encoded = [enc.encode_ordinary(text) for text in texts]
+    full = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     lengths = np.minimum(full, max_len_tokens) + 1
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.empty(offsets[-1], dtype=np.uint16)
-    for start, ids in zip(offsets[:-1], encoded):
-        n = min(len(ids), max_len_tokens)
-        tokens[start] = EOT
-        tokens[start + 1:start + 1 + n] = ids[:n]
-    return offsets, tokens, int(np.count_nonzero(full > max_len_tokens))
+    flat = chain.from_iterable(chain((EOT,), ids[:max_len_tokens]) for ids in encoded)
+    tokens = np.fromiter(flat, dtype=np.uint16, count=int(lengths.sum()))
+    return lengths, tokens, int(np.count_nonzero(full > max_len_tokens))
+
+
+def encode_groups(source: pq.ParquetFile, max_len_tokens: int, pool: ThreadPoolExecutor):
+    """(row group table, lengths, tokens, documents cut) per row group, in order.
+
+    The next row group is already being encoded while the caller writes this one: the main thread's work
+    (Parquet, byte counts) overlaps the encoding instead of leaving the encoder threads idle.
+    """
+    def submit(group):
+        table = source.read_row_group(group)
+        texts = table.column("text").to_pylist()
+        return table, [pool.submit(encode_slice, texts[i:i + SLICE], max_len_tokens)
+                       for i in range(0, len(texts), SLICE)]
+
+    ahead = submit(0) if source.num_row_groups else None
+    for group in range(source.num_row_groups):
+        table, futures = ahead
+        ahead = submit(group + 1) if group + 1 < source.num_row_groups else None
+        parts = [f.result() for f in futures]
+        lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        tokens = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint16)
+        yield table, lengths, tokens, sum(p[2] for p in parts)
 
 
 def run(src, out, manifest, *, max_len_tokens: int, threads: int = 1, log=None) -> dict:
@@ -48,25 +74,24 @@ def run(src, out, manifest, *, max_len_tokens: int, threads: int = 1, log=None) 
         source = pq.ParquetFile(src)
         writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
         bar = progress(logfh, f"tokenize {src}", "tok", total=None)
-        for group in range(source.num_row_groups):
-            table = source.read_row_group(group)
-            texts = table.column("text").to_pylist()
-            offsets, tokens, cut = encode_documents(texts, max_len_tokens, threads)
-            truncated += cut
-            lengths = np.diff(offsets)
-            # bytes covered: the sum of the kept tokens' byte lengths (EOT covers none)
-            n_bytes = np.add.reduceat(byte_len[tokens], offsets[:-1]) if len(texts) else np.zeros(0, np.int64)
-            names = table.column("pile_set_name")
-            writer.write_table(pa.table({
-                "tokens": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)),
-                "pile_set_name": names,
-                "n_bytes": pa.array(n_bytes.astype(np.int32)),
-            }, schema=SCHEMA))
-            for name, length, nb in zip(names.to_pylist(), lengths.tolist(), n_bytes.tolist()):
-                count_by(per_subset, name, docs=1, tokens=length, bytes=nb)
-            docs += len(texts)
-            tokens_total += int(tokens.size)
-            bar.update(int(tokens.size))
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for table, lengths, tokens, cut in encode_groups(source, max_len_tokens, pool):
+                truncated += cut
+                offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+                np.cumsum(lengths, out=offsets[1:])
+                # bytes covered: the sum of the kept tokens' byte lengths (EOT covers none)
+                n_bytes = (np.add.reduceat(byte_len[tokens], offsets[:-1]) if len(lengths)
+                           else np.zeros(0, np.int64))
+                names = table.column("pile_set_name")
+                writer.write_table(pa.table({
+                    "tokens": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)),
+                    "pile_set_name": names,
+                    "n_bytes": pa.array(n_bytes.astype(np.int32)),
+                }, schema=SCHEMA))
+                count_per_subset(per_subset, names, tokens=lengths, bytes=n_bytes)
+                docs += len(lengths)
+                tokens_total += int(tokens.size)
+                bar.update(int(tokens.size))
         writer.close()
         bar.close()
         seconds = time.perf_counter() - started

@@ -35,7 +35,9 @@ def test_keeps_chosen_subsets_and_counts_what_it_drops(tmp_path):
                     {"text": "def f(x): return x", "pile_set_name": "Github"}]
     assert result["docs_in"] == 4 and result["docs_kept"] == 2
     assert result["dropped"] == {"other_subset": 1, "under_min_len_words": 1, "malformed": 0}
-    assert result["per_subset"] == {"Wikipedia (en)": {"docs": 1, "bytes": 23}, "Github": {"docs": 1, "bytes": 18}}
+    assert result["per_subset"] == {"Wikipedia (en)": {"docs": 1, "words": 5, "bytes": 23},
+                                    "Github": {"docs": 1, "words": 4, "bytes": 18}}
+    assert result["words_kept"] == 9 and result["bytes_kept"] == 41
 
 
 def test_malformed_lines_are_skipped_and_reported_with_line_numbers(tmp_path):
