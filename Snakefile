@@ -10,6 +10,7 @@ code it runs (an edit of that module reruns it); the work is done by functions i
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -38,7 +39,7 @@ STAGE_IO = "pipeline/io.py"
 MODEL_CODE = source("model/gpt.py", "model/checkpoint.py")
 
 wildcard_constraints:
-    chunk="|".join(CHUNKS),
+    chunk="|".join(re.escape(c) for c in CHUNKS),
 
 
 rule all:
