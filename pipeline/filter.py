@@ -28,17 +28,14 @@ ROWS_PER_GROUP = 4096
 MAX_EXAMPLES = 20  # malformed lines quoted in the manifest; all are counted
 
 
-def cut_words(text: str, min_len_words: int, max_len_words: int) -> str | None:
-    """The first max_len_words whitespace words joined by single spaces, or None under min_len_words."""
+def cut_words(text: str, min_len_words: int, max_len_words: int) -> tuple[str, int] | None:
+    """(the first max_len_words whitespace words joined by single spaces, their number), or None under
+    min_len_words."""
     words = text.split(maxsplit=max_len_words)  # stops splitting early: a long book costs no more than 256 words
     if len(words) < min_len_words:
         return None
-    return " ".join(words[:max_len_words])
-
-
-def count_words(texts: pa.Array) -> np.ndarray:
-    """Words of texts that cut_words made (single spaces between words)."""
-    return pc.add(pc.count_substring(texts, " "), 1).to_numpy(zero_copy_only=False)
+    words = words[:max_len_words]
+    return " ".join(words), len(words)
 
 
 def parse_line(line: bytes) -> tuple[str, str]:
@@ -64,7 +61,7 @@ def run(src, out, manifest, *, pile_sets_to_use, min_len_words: int, max_len_wor
     kept: dict = {}
     dropped = {"other_subset": 0, "under_min_len_words": 0, "malformed": 0}
     examples, docs_in, words_cut = [], 0, 0
-    texts, names = [], []
+    texts, names, words = [], [], []
     with log_file(log) as logfh, atomic_output(out) as tmp:
         started = time.perf_counter()
         writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
@@ -79,11 +76,11 @@ def run(src, out, manifest, *, pile_sets_to_use, min_len_words: int, max_len_wor
                 if writing is not None:
                     writing.result()
                 writing = write_pool.submit(writer.write_table, table)
-                words = count_words(table["text"])
-                words_cut += int(words.sum())
-                count_per_subset(kept, table["pile_set_name"], words=words,
+                n_words = np.array(words)
+                words_cut += int(n_words.sum())
+                count_per_subset(kept, table["pile_set_name"], words=n_words,
                                  bytes=pc.binary_length(table["text"]).to_numpy(zero_copy_only=False))
-                texts.clear(), names.clear()
+                texts.clear(), names.clear(), words.clear()
 
         bar = progress(logfh, f"filter {Path(src).name}", "docs")
         for number, line in iter_lines(src):
@@ -106,8 +103,9 @@ def run(src, out, manifest, *, pile_sets_to_use, min_len_words: int, max_len_wor
             if cut is None:
                 dropped["under_min_len_words"] += 1
                 continue
-            texts.append(cut)
+            texts.append(cut[0])
             names.append(name)
+            words.append(cut[1])
             if len(texts) == ROWS_PER_GROUP:
                 flush()
         flush()

@@ -17,10 +17,10 @@ def run_filter(tmp_path, src, **settings):
 
 
 def test_cut_words_keeps_the_seeds_semantics():
-    assert filter.cut_words("a  b\n\tc", 3, 5) == "a b c"          # re-joined with single spaces
-    assert filter.cut_words("a b", 3, 5) is None                     # under min_len_words
-    assert filter.cut_words(" a b c d e f g ", 3, 5) == "a b c d e"  # first max_len_words words
-    assert filter.cut_words("a b c d e", 3, 5) == "a b c d e"
+    assert filter.cut_words("a  b\n\tc", 3, 5) == ("a b c", 3)          # re-joined with single spaces
+    assert filter.cut_words("a b", 3, 5) is None                          # under min_len_words
+    assert filter.cut_words(" a b c d e f g ", 3, 5) == ("a b c d e", 5)  # first max_len_words words
+    assert filter.cut_words("a b c d e", 3, 5) == ("a b c d e", 5)
 
 
 def test_keeps_chosen_subsets_and_counts_what_it_drops(tmp_path):
