@@ -1,6 +1,6 @@
 """GPT-2's byte-level BPE through tiktoken, built offline from the ranks shipped beside this file.
 
-`tiktoken.get_encoding("gpt2")` would download the ranks at run time; this builds the same encoder from
+tiktoken's own "gpt2" encoding would download its ranks at run time; this builds the same encoder from
 `gpt2.tiktoken` (byte-identical to OpenAI's r50k_base.tiktoken) after checking its sha256.
 """
 
