@@ -50,3 +50,32 @@ def make_split(folder: str | Path, n_chunks=2, shards_per_chunk=2, batches_per_s
         writer.add(batch)
     writer.close()
     return train_json, val
+
+
+TINY_INI = {
+    "preprocessing": {"path_to_original_data": "{folder}/data", "path_to_store_preprocessed_data": "{folder}/work",
+                      "pile_sets_to_use": "Pile-CC", "max_len_tokens": 40, "max_num_of_tokens_in_batch": 128,
+                      "tokens_per_shard": 4096},
+    "train": {"folder_to_save_state_dicts": "{folder}/checkpoints", "start_predicting_from_what_token": 2,
+              "device": "cpu"},
+    "architecture": {"N": 2, "d_model": 32, "d_ff": 64, "h": 2, "d_k": 16, "d_v": 16,
+                     "positional_encoding_max_pos": 64},
+}
+
+
+def write_tiny_ini(path: str | Path, folder: str | Path, **overrides: dict) -> Path:
+    """A config.ini for a two-layer GPT of width 32 on short documents, paths under `folder`.
+
+    overrides: {section: {key: value}} on top of TINY_INI; each key is written as `key = value`.
+    """
+    sections = {name: dict(keys) for name, keys in TINY_INI.items()}
+    for name, keys in overrides.items():
+        sections.setdefault(name, {}).update(keys)
+    lines = []
+    for name, keys in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {str(value).format(folder=folder)}" for key, value in keys.items()]
+        lines.append("")
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path

@@ -13,7 +13,7 @@ from model.gpt import GPT
 from pipeline.config import EOT, PILE_SET_NAMES, Architecture
 from pipeline.shards import Batch, ShardReader, ShardWriter
 from pipeline.tokenizer import gpt2_encoding, token_byte_lengths
-from tests.synthetic import make_split
+from tests.synthetic import make_split, write_tiny_ini
 
 ARCH = Architecture(N=2, d_model=32, d_ff=64, h=2, d_k=16, d_v=16, positional_encoding_max_pos=64)
 START = 3
@@ -163,31 +163,9 @@ def test_documents_longer_than_the_context_are_an_error(setup):
 
 @pytest.fixture
 def ini(tmp_path):
-    path = tmp_path / "config.ini"
-    path.write_text(f"""
-[preprocessing]
-path_to_original_data = {tmp_path}/data
-path_to_store_preprocessed_data = {tmp_path}/work
-pile_sets_to_use = Pile-CC
-max_len_tokens = 41
-max_num_of_tokens_in_batch = 128
-tokens_per_shard = 4096
-[val]
-results_dir = {tmp_path}/results
-[train]
-folder_to_save_state_dicts = {tmp_path}/checkpoints
-start_predicting_from_what_token = {START}
-device = cpu
-[architecture]
-N = 2
-d_model = 32
-d_ff = 64
-h = 2
-d_k = 16
-d_v = 16
-positional_encoding_max_pos = 64
-""")
-    return path
+    return write_tiny_ini(tmp_path / "config.ini", tmp_path,
+                          preprocessing={"max_len_tokens": 41}, val={"results_dir": "{folder}/results"},
+                          train={"start_predicting_from_what_token": START})
 
 
 def test_cli_evaluates_a_named_model_file(setup, ini, tmp_path, capsys):

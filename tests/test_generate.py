@@ -10,6 +10,7 @@ from model.generate import encode_prompt, generate, main, sample_next
 from model.gpt import GPT
 from pipeline.config import EOT, VOCAB_SIZE, Architecture
 from pipeline.tokenizer import gpt2_encoding
+from tests.synthetic import write_tiny_ini
 
 ARCH = Architecture(N=2, d_model=32, d_ff=64, h=2, d_k=16, d_v=16, positional_encoding_max_pos=64)
 PATTERN = list(range(101, 111))  # a "document": EOT 101 102 ... 110, then EOT
@@ -202,31 +203,7 @@ def test_asking_for_more_tokens_than_the_context_is_an_error():
 
 @pytest.fixture
 def ini(tmp_path):
-    path = tmp_path / "config.ini"
-    path.write_text(f"""
-[preprocessing]
-path_to_original_data = {tmp_path}/data
-path_to_store_preprocessed_data = {tmp_path}/work
-pile_sets_to_use = Pile-CC
-max_len_tokens = 40
-max_num_of_tokens_in_batch = 128
-tokens_per_shard = 4096
-[train]
-folder_to_save_state_dicts = {tmp_path}/checkpoints
-start_predicting_from_what_token = 2
-device = cpu
-[architecture]
-N = 2
-d_model = 32
-d_ff = 64
-h = 2
-d_k = 16
-d_v = 16
-positional_encoding_max_pos = 64
-[inference]
-how_many_tokens_to_generate = 8
-""")
-    return path
+    return write_tiny_ini(tmp_path / "config.ini", tmp_path, inference={"how_many_tokens_to_generate": 8})
 
 
 def test_cli_prints_a_completion_per_prompt(ini, tmp_path, capsys, pattern_model):

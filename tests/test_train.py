@@ -21,50 +21,20 @@ from model import train as T
 from model.checkpoint import ModelFileError, latest_checkpoint, list_checkpoints, load_model
 from model.gpt import GPT
 from pipeline.config import EOT, Architecture, Train, load_settings
-from tests.synthetic import make_split
+from tests.synthetic import make_split, write_tiny_ini
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_INI = """
-[preprocessing]
-path_to_original_data = data/sample
-path_to_store_preprocessed_data = {tmp}/work
-pile_sets_to_use = Github
-max_len_tokens = 32
-max_num_of_tokens_in_batch = 128
-tokens_per_shard = 4096
-
-[train]
-folder_to_save_state_dicts = {tmp}/ckpt
-num_of_chunks_to_use = 2
-max_lr = 3e-3
-warmup_steps = 4
-steps_to_attenuate_lr_to_zero = 40
-P_drop = {P_drop}
-start_predicting_from_what_token = 2
-checkpoint_every_steps = 5
-keep_checkpoints = 2
-val_every_steps = 10
-val_batches = 3
-device = cpu
-threads = 1
-{extra}
-
-[architecture]
-N = 2
-d_model = 32
-d_ff = 64
-h = 2
-d_k = 16
-d_v = 16
-positional_encoding_max_pos = 40
-"""
-
-
-def setup_run(tmp_path, P_drop=0.1, extra="", batches_per_shard=6):
+def setup_run(tmp_path, P_drop=0.1, batches_per_shard=6, **train):
     train_json, val = make_split(tmp_path / "data", batches_per_shard=batches_per_shard)
-    ini = tmp_path / "tiny.ini"
-    ini.write_text(TINY_INI.format(tmp=tmp_path, P_drop=P_drop, extra=extra))
+    ini = write_tiny_ini(
+        tmp_path / "tiny.ini", tmp_path,
+        preprocessing={"path_to_original_data": "data/sample", "pile_sets_to_use": "Github", "max_len_tokens": 32},
+        train={"folder_to_save_state_dicts": "{folder}/ckpt", "num_of_chunks_to_use": 2, "max_lr": "3e-3",
+               "warmup_steps": 4, "steps_to_attenuate_lr_to_zero": 40, "P_drop": P_drop,
+               "checkpoint_every_steps": 5, "keep_checkpoints": 2, "val_every_steps": 10, "val_batches": 3,
+               "threads": 1, **train},
+        architecture={"positional_encoding_max_pos": 40})
     return ini, train_json, val
 
 
@@ -296,7 +266,7 @@ def test_second_trainer_on_the_same_run_is_refused(tmp_path):
 def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     # Steps of >= 300 tokens (about 3 batches) are the same steps for 1 and 2 processes; DDP deals the
     # batches of a step out to the 2 ranks and averages their gradients, so the weights must agree.
-    ini, train_json, val = setup_run(tmp_path, P_drop=0.0, extra="tokens_per_optimizer_step = 300")
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0, tokens_per_optimizer_step=300)
     single = tmp_path / "single" / "final.pt"
     T.launch(ini, train_json, val, single, threads=1)
     ini.write_text(ini.read_text().replace("[train]", "[train]\nnproc_per_node = 2")
