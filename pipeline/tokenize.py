@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -26,20 +25,25 @@ SCHEMA = pa.schema([("tokens", pa.list_(pa.uint16())), ("pile_set_name", pa.stri
 
 
 SLICE = 256  # documents per task: small enough to spread a row group over the threads, big enough to be cheap
+START = np.array([EOT], dtype=np.uint32)
 
 
 def encode_slice(texts: list[str], max_len_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(lengths, tokens, documents cut) of a few documents: EOT + the first max_len_tokens BPE tokens each.
 
     Runs on a worker thread; tiktoken releases the GIL while it encodes, so threads encode in parallel.
+    encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary (a literal "<|endoftext|>" in
+    a document is ordinary text), but its ids come as one array, not a Python list of ints to build and then
+    flatten while holding the GIL.
     """
     enc = gpt2_encoding()
-    encoded = [enc.encode_ordinary(text) for text in texts]
+    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
     full = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    lengths = np.minimum(full, max_len_tokens) + 1
-    flat = chain.from_iterable(chain((EOT,), ids[:max_len_tokens]) for ids in encoded)
-    tokens = np.fromiter(flat, dtype=np.uint16, count=int(lengths.sum()))
-    return lengths, tokens, int(np.count_nonzero(full > max_len_tokens))
+    pieces = []
+    for ids in encoded:
+        pieces += (START, ids[:max_len_tokens])
+    tokens = np.concatenate(pieces).astype(np.uint16) if pieces else np.zeros(0, np.uint16)
+    return np.minimum(full, max_len_tokens) + 1, tokens, int(np.count_nonzero(full > max_len_tokens))
 
 
 def encode_groups(source: pq.ParquetFile, max_len_tokens: int, pool: ThreadPoolExecutor):

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from pipeline.config import EOT
+
 RANKS_FILE = Path(__file__).with_name("gpt2.tiktoken")
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenizer, as tiktoken writes it (equivalent to the original release's regex, faster).
@@ -38,14 +40,13 @@ def load_ranks(path: Path = RANKS_FILE, expected_sha256: str = RANKS_SHA256) -> 
 def gpt2_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoder: 50,256 BPE tokens plus <|endoftext|> = 50256."""
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
-                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+                             special_tokens={ENDOFTEXT: EOT}, explicit_n_vocab=50257)
 
 
 @functools.cache
 def token_byte_lengths() -> np.ndarray:
     """UTF-8 bytes each token id stands for (0 for <|endoftext|>): bytes covered = lengths[tokens].sum()."""
-    enc = gpt2_encoding()
+    enc = gpt2_encoding()  # built once per process; reading the ranks again would double the start-up
     lengths = np.zeros(enc.n_vocab, dtype=np.int64)
-    for token_bytes, rank in load_ranks().items():
-        lengths[rank] = len(token_bytes)
+    lengths[:EOT] = [len(enc.decode_single_token_bytes(token)) for token in range(EOT)]
     return lengths

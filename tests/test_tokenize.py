@@ -36,3 +36,13 @@ def test_uncut_documents_cover_all_their_utf8_bytes(tmp_path):
     assert table.column("n_bytes").to_pylist() == [len(t.encode()) for t, _ in docs]
     enc = gpt2_encoding()
     assert [enc.decode(t[1:]) for t in table.column("tokens").to_pylist()[:4]] == [t for t, _ in docs[:4]]
+
+
+def test_special_token_text_inside_a_document_is_ordinary_text(tmp_path):
+    # A document may quote "<|endoftext|>" (code, papers about GPT-2): it is 7 ordinary tokens, not a boundary.
+    text = "a <|endoftext|> b"
+    src = filtered_file(tmp_path / "f.parquet", [(text, "Github"), ("", "Github")])
+    tokenize.run(src, tmp_path / "t.parquet", tmp_path / "t.json", max_len_tokens=64)
+    tokens = pq.read_table(tmp_path / "t.parquet").column("tokens").to_pylist()
+    assert tokens == [[50256] + gpt2_encoding().encode_ordinary(text), [50256]]
+    assert tokens[0].count(50256) == 1
