@@ -36,7 +36,8 @@ def source(*names):
 
 
 STAGE_IO = "pipeline/io.py"
-MODEL_CODE = source("model/gpt.py", "model/checkpoint.py")
+MODEL_CODE = source("model/gpt.py", "model/checkpoint.py", "model/device.py")
+TRAIN_CODE = source("model/train.py", "model/loss.py", "model/data.py", "model/optim.py", "model/run.py")
 
 wildcard_constraints:
     chunk="|".join(re.escape(c) for c in CHUNKS),
@@ -144,7 +145,7 @@ rule train:
     input:
         train=rules.split.output.train,
         val=rules.split.output.val,
-        code=MODEL_CODE + source("model/train.py"),
+        code=MODEL_CODE + TRAIN_CODE,
     output:
         f"{CKPT}/final.pt",
     params:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.evaluate import resolve_device, set_threads  # noqa: E402
+from model.device import resolve_device, set_threads  # noqa: E402
 from model.generate import generate  # noqa: E402
 from pipeline.config import EOT, Architecture, load_settings  # noqa: E402
 

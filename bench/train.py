@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.gpt import GPT  # noqa: E402
-from model.train import LossModel, inputs_and_targets, make_optimizer, step_groups  # noqa: E402
+from model.loss import LossModel, inputs_and_targets  # noqa: E402
+from model.optim import make_optimizer  # noqa: E402
 from pipeline.config import EOT, Architecture, Train, load_settings  # noqa: E402
 from pipeline.shards import ShardReader, read_train_manifest  # noqa: E402
 

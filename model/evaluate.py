@@ -22,7 +22,6 @@ figures add up exactly to the overall ones:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -36,6 +35,8 @@ from pipeline.config import EOT, PILE_SET_NAMES, VOCAB_SIZE
 from pipeline.io import atomic_output, log_file, progress, write_json
 from pipeline.shards import ShardReader
 from pipeline.tokenizer import token_byte_lengths
+
+from model.device import autocast, resolve_device, resolve_precision, set_threads
 
 BYTES_NOTE = (
     "bits_per_byte divides the NLL of the predicted tokens (in nats, / ln 2) by the UTF-8 bytes those "
@@ -56,40 +57,6 @@ DEFINITIONS = {
     "untrained": "a freshly initialised model of the same architecture (seed 0), on every k-th batch of the "
                  "split (about 16k tokens; its documents and tokens are counted in its figures)",
 }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Device and precision, as in training
-# ---------------------------------------------------------------------------------------------------------------
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda if there is one, else cpu; cuda / cuda:N must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this machine has no CUDA GPU (use device = auto or cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autocast(device: torch.device, dtype: str):
-    """Autocast to bfloat16/float16 as [train] dtype says; float32 runs as is."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
-
-
-def set_threads(threads: int) -> None:
-    if threads and threads > 0:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +236,7 @@ def _init_std(meta: dict) -> float:
 
 
 def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_token: int, device: str = "auto",
-        dtype: str = "float32", threads: int = 0, log=None, *, expected_arch=None, untrained_baseline: bool = True):
+        dtype: str = "auto", threads: int = 0, log=None, *, expected_arch=None, untrained_baseline: bool = True):
     """Evaluate model_path on val_shard; write perplexity.json and the Markdown table; print the table."""
     from model.checkpoint import load_model
 
@@ -277,11 +244,13 @@ def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_t
     dev = resolve_device(device)
     start = int(start_predicting_from_what_token)
     with log_file(log) as logfh:
+        precision = resolve_precision(dtype, dev)
+        dtype = precision.dtype
         model, arch, meta = load_model(model_path, map_location=dev, expected_arch=expected_arch)
         model.to(dev)
         context = arch.positional_encoding_max_pos
         print(f"{model_path}: {sum(p.numel() for p in model.parameters()):,} parameters, {arch}; "
-              f"evaluating {val_shard} on {dev} ({dtype}), from token {start}", file=logfh)
+              f"evaluating {val_shard} on {dev} ({dtype}: {precision.reason}), from token {start}", file=logfh)
         t0 = time.perf_counter()
         tallies = evaluate_model(model, val_shard, start, dev, dtype, logfh, context=context)
         seconds = time.perf_counter() - t0
@@ -308,6 +277,7 @@ def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_t
             "start_predicting_from_what_token": start,
             "device": dev.type,
             "dtype": dtype,
+            "precision": precision.as_dict(),
             "definitions": {**DEFINITIONS, "bytes": BYTES_NOTE},
             **res,
         }
@@ -338,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--ini", default="config.ini", help="config file (default: config.ini)")
     p.add_argument("--out", help="folder of perplexity.json and perplexity.md (default: [val] results_dir)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: [train] device)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: [train] dtype)")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default: [train] dtype)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-untrained", action="store_true", help="skip the untrained-model baseline")
     args = p.parse_args(argv)

@@ -23,9 +23,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from model.evaluate import autocast, resolve_device, set_threads
+from model.device import autocast, resolve_device, resolve_precision
 from pipeline.config import EOT, VOCAB_SIZE
 
 METHODS = ("greedy_search", "beam_search", "sampling")
@@ -265,7 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, help="[inference] top_p")
     p.add_argument("--seed", type=int, help="[inference] seed")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: [train] device)")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: [train] dtype)")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (default: [train] dtype)")
     p.add_argument("--no-cache", action="store_true", help="re-read the whole sequence for every new token (slow)")
     args = p.parse_args(argv)
     try:
@@ -280,7 +279,7 @@ def main(argv=None) -> int:
 
         inference.validate(err)
         device = resolve_device(args.device or s.train.device)
-        dtype = args.dtype or s.train.dtype
+        dtype = resolve_precision(args.dtype or s.train.dtype, device).dtype
         path = Path(args.model) if args.model else s.train.folder_to_save_state_dicts / "final.pt"
         model, arch, _ = load_model(path, map_location=device, expected_arch=s.architecture)
         model.to(device)

@@ -105,7 +105,9 @@ class Train:
     tokens_per_optimizer_step: int = _key("accumulate gradients over batches up to this many tokens (0 = one batch)",
                                           default=0)
     device: str = _key("auto | cpu | cuda | cuda:N", default="auto")
-    dtype: str = _key("float32 | bfloat16 | float16 (autocast; float16 uses a grad scaler)", default="float32")
+    dtype: str = _key("auto | float32 | bfloat16 | float16: auto is bfloat16 where the device runs it natively "
+                      "(CUDA with bf16, a CPU with AVX512-BF16/AMX or Arm BF16), float32 elsewhere; bfloat16 and "
+                      "float16 are autocast (float16 with a grad scaler)", default="auto")
     compile: bool = _key("torch.compile the model", default=False)
     seed: int = _key("seed of initialisation, dropout and data order", default=1337)
     checkpoint_every_steps: int = _key("write a checkpoint every N optimizer steps (and at each chunk's end)",
@@ -133,8 +135,8 @@ class Train:
             err("init_std", f"must be positive, not {self.init_std}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             err("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be 0 or more")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            err("dtype", f"{self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            err("dtype", f"{self.dtype!r} is not one of auto, float32, bfloat16, float16")
         d = self.device
         if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
             err("device", f"{d!r} is not one of auto, cpu, cuda, cuda:N")

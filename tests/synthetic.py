@@ -57,7 +57,7 @@ TINY_INI = {
                       "pile_sets_to_use": "Pile-CC", "max_len_tokens": 40, "max_num_of_tokens_in_batch": 128,
                       "tokens_per_shard": 4096},
     "train": {"folder_to_save_state_dicts": "{folder}/checkpoints", "start_predicting_from_what_token": 2,
-              "device": "cpu"},
+              "device": "cpu", "dtype": "float32"},
     "architecture": {"N": 2, "d_model": 32, "d_ff": 64, "h": 2, "d_k": 16, "d_v": 16,
                      "positional_encoding_max_pos": 64},
 }

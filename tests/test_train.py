@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import orjson
 import pytest
 import torch
 
-from model import train as T
+from model import data as D, loss as L, optim as O, run as R, train as T
 from model.checkpoint import ModelFileError, latest_checkpoint, list_checkpoints, load_model
 from model.gpt import GPT
 from pipeline.config import EOT, Architecture, Train, load_settings
@@ -64,26 +63,26 @@ def run_dir_of(final) -> Path:
 
 def test_schedule_warms_up_linearly_then_follows_the_seeds_cosine():
     t = Train(max_lr=1.0, warmup_steps=100, steps_to_attenuate_lr_to_zero=1000)
-    assert T.lr_at(1, t) == pytest.approx(0.01)
-    assert T.lr_at(50, t) == pytest.approx(0.5)
-    assert T.lr_at(100, t) == pytest.approx(1.0)
-    assert T.lr_at(600, t) == pytest.approx(math.cos(math.pi * 500 / 2000))  # the seed's formula
-    assert T.lr_at(1100, t) == pytest.approx(0.0, abs=1e-12)
-    assert T.lr_at(5000, t) == 0.0  # stays at zero past the attenuation
-    assert T.lr_at(1, Train(max_lr=2.5e-4, warmup_steps=0, steps_to_attenuate_lr_to_zero=10)) == pytest.approx(
+    assert O.lr_at(1, t) == pytest.approx(0.01)
+    assert O.lr_at(50, t) == pytest.approx(0.5)
+    assert O.lr_at(100, t) == pytest.approx(1.0)
+    assert O.lr_at(600, t) == pytest.approx(math.cos(math.pi * 500 / 2000))  # the seed's formula
+    assert O.lr_at(1100, t) == pytest.approx(0.0, abs=1e-12)
+    assert O.lr_at(5000, t) == 0.0  # stays at zero past the attenuation
+    assert O.lr_at(1, Train(max_lr=2.5e-4, warmup_steps=0, steps_to_attenuate_lr_to_zero=10)) == pytest.approx(
         2.5e-4 * math.cos(math.pi / 20))
 
 
 def test_target_is_the_document_then_endoftext():
     tokens = np.array([[EOT, 5, 6, 7], [EOT, 8, 9, 10]], dtype=np.uint16)
-    x, y = T.inputs_and_targets(tokens)
+    x, y = L.inputs_and_targets(tokens)
     assert x.tolist() == [[EOT, 5, 6, 7], [EOT, 8, 9, 10]]
     assert y.tolist() == [[5, 6, 7, EOT], [8, 9, 10, EOT]]
 
 
 def test_loss_ignores_positions_before_start_predicting_from_what_token():
     torch.manual_seed(0)
-    model = T.LossModel(GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8,
+    model = L.LossModel(GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8,
                                          positional_encoding_max_pos=16)))
     x = torch.randint(0, 1000, (2, 10))
     y = torch.randint(0, 1000, (2, 10))
@@ -103,7 +102,7 @@ def test_fused_cpu_cross_entropy_matches_autograds_loss_and_gradients():
     h = torch.randn(150, 16, requires_grad=True)  # 150 rows: more than one block of ROWS
     w = (0.3 * torch.randn(1000, 16)).requires_grad_()
     y = torch.randint(0, 1000, (150,))
-    fused = T.LinearCrossEntropy.apply(h, w, y)
+    fused = L.LinearCrossEntropy.apply(h, w, y)
     ref = torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="sum")
     assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
     for a, b in zip(torch.autograd.grad(fused * 0.3, (h, w)), torch.autograd.grad(ref * 0.3, (h, w))):
@@ -112,27 +111,27 @@ def test_fused_cpu_cross_entropy_matches_autograds_loss_and_gradients():
 
 def test_data_order_is_shuffled_seeded_per_epoch_and_chunk():
     shape = np.array([[4, 30]] * 50)
-    a = T.batch_order(1337, 0, 0, shape, start=8)
+    a = D.batch_order(1337, 0, 0, shape, start=8)
     assert sorted(a.tolist()) == list(range(50)) and a.tolist() != list(range(50))
-    assert np.array_equal(a, T.batch_order(1337, 0, 0, shape, start=8))
-    assert not np.array_equal(a, T.batch_order(1337, 1, 0, shape, start=8))
-    assert not np.array_equal(a, T.batch_order(1337, 0, 1, shape, start=8))
-    assert sorted(T.chunk_order(1337, 0, 17).tolist()) == list(range(17))
+    assert np.array_equal(a, D.batch_order(1337, 0, 0, shape, start=8))
+    assert not np.array_equal(a, D.batch_order(1337, 1, 0, shape, start=8))
+    assert not np.array_equal(a, D.batch_order(1337, 0, 1, shape, start=8))
+    assert sorted(D.chunk_order(1337, 0, 17).tolist()) == list(range(17))
     shape[::2, 1] = 8  # batches with nothing to predict are left out
-    assert sorted(T.batch_order(1337, 0, 0, shape, start=8).tolist()) == list(range(1, 50, 2))
+    assert sorted(D.batch_order(1337, 0, 0, shape, start=8).tolist()) == list(range(1, 50, 2))
 
 
 def test_optimizer_steps_gather_batches_up_to_the_token_budget():
     shape = np.array([[4, 25]] * 10)  # 100 tokens per batch
     order = np.arange(10)
-    assert T.step_groups(order, shape, 0, 1) == [(i, i + 1) for i in range(10)]
-    assert T.step_groups(order, shape, 250, 1) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert T.step_groups(order, shape, 0, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert D.step_groups(order, shape, 0, 1) == [(i, i + 1) for i in range(10)]
+    assert D.step_groups(order, shape, 250, 1) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert D.step_groups(order, shape, 0, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
 def test_weight_decay_only_on_two_dimensional_weights():
     gpt = GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=16))
-    opt = T.make_optimizer(gpt, Train(weight_decay=0.1), torch.device("cpu"))
+    opt = O.make_optimizer(gpt, Train(weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
@@ -242,14 +241,14 @@ def test_changed_train_setting_starts_a_new_run_and_unchanged_one_resumes(tmp_pa
     T.launch(ini, train_json, val, final, threads=1)
     assert run_dir_of(final) != first and weights_sha256(final) != sha
     ini.write_text(ini.read_text().replace("keep_checkpoints = 3", "keep_checkpoints = 4"))  # operational only
-    assert T.run_dir_for(load_settings(ini), train_json)[0] == run_dir_of(final)
+    assert R.run_dir_for(load_settings(ini), train_json)[0] == run_dir_of(final)
 
 
 def test_second_trainer_on_the_same_run_is_refused(tmp_path):
     ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
-    run_dir, _ = T.run_dir_for(load_settings(ini), train_json)
+    run_dir, _ = R.run_dir_for(load_settings(ini), train_json)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from model.train import RunLock; from pathlib import Path;"
+        [sys.executable, "-c", "import sys, time; from model.run import RunLock; from pathlib import Path;"
                                "lock = RunLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(60)",
          str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
