@@ -37,7 +37,8 @@ def source(*names):
 
 STAGE_IO = "pipeline/io.py"
 MODEL_CODE = source("model/gpt.py", "model/checkpoint.py", "model/device.py")
-TRAIN_CODE = source("model/train.py", "model/loss.py", "model/data.py", "model/optim.py", "model/run.py")
+TRAIN_CODE = source("model/train.py", "model/loss.py", "model/data.py", "model/optim.py", "model/run.py",
+                    "model/signals.py")
 
 wildcard_constraints:
     chunk="|".join(re.escape(c) for c in CHUNKS),

@@ -1,8 +1,8 @@
 """The training data: the train split's shards (memory-mapped), the seeded order of chunks and batches, and
 the grouping of batches into optimizer steps.
 
-Data order (as the seed): per epoch the chunks are shuffled, and within a chunk its batches, seeded by
-(seed, epoch) and (seed, epoch, chunk). An optimizer step takes the next batches of the chunk until
+Data order (as the seed): the chunks in order (or shuffled per epoch, [train] shuffle_chunks), and within a
+chunk its batches shuffled, seeded by (seed, epoch, chunk). An optimizer step takes the next batches of the chunk until
 tokens_per_optimizer_step tokens (at least one batch per rank); under DDP they are dealt out round-robin.
 """
 
@@ -43,7 +43,11 @@ class TrainData:
         return int(sum((s[:, 0] * s[:, 1]).sum() for s in self.shape))
 
 
-def chunk_order(seed: int, epoch: int, n_chunks: int) -> np.ndarray:
+def chunk_order(seed: int, epoch: int, n_chunks: int, shuffle: bool = False) -> np.ndarray:
+    """The chunks in numeric order, as the original read them ([train] shuffle_chunks = false), or shuffled
+    per epoch, seeded."""
+    if not shuffle:
+        return np.arange(n_chunks)
     return np.random.default_rng([seed, epoch]).permutation(n_chunks)
 
 

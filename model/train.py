@@ -43,6 +43,7 @@ from model.gpt import GPT
 from model.loss import LossModel, inputs_and_targets, predicted_positions
 from model.optim import lr_at, make_optimizer
 from model.run import Metrics, RunLock, run_dir_for
+from model.signals import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopRequest
 
 # ---------------------------------------------------------------------------------------------------------
 # The training loop
@@ -68,12 +69,13 @@ def keep_freed_memory():
 
 
 def train(settings: Settings, train_manifest, val_shard, final_path, threads: int = 0, log=None) -> Path:
-    """Train (or resume) the run of these settings; write final_path; return it."""
-    with keep_freed_memory():
-        return _setup_and_train(settings, train_manifest, val_shard, final_path, threads, log)
+    """Train (or resume) the run of these settings; write final_path; return it. Stops early with Preempted
+    (after a checkpoint) on SIGTERM, SIGINT or SIGUSR1 when called in a process's main thread."""
+    with keep_freed_memory(), StopRequest() as stop:
+        return _setup_and_train(settings, train_manifest, val_shard, final_path, threads, log, stop)
 
 
-def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, log):
+def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, log, stop):
     log = log or sys.stderr
     t = settings.train
     d = Dist.from_env()
@@ -86,7 +88,7 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     n_threads = t.threads or max(1, (threads or os.cpu_count() or 1) // (d.world if device.type == "cpu" else 1))
     torch.set_num_threads(n_threads)
-    precision = choose_precision(t.dtype, device, d, log or sys.stderr)
+    precision = choose_precision(t.dtype, device, d, log)
 
     run_dir, fingerprint = run_dir_for(settings, train_manifest)
     lock = RunLock(run_dir)
@@ -106,7 +108,7 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
             raise RuntimeError(f"{run_dir / 'lock'}: another trainer is training this run right now")
     try:
         return _train(settings, d, device, precision, run_dir, fingerprint, train_manifest, val_shard, final_path,
-                      log)
+                      log, stop)
     finally:
         lock.release()
         if d.world > 1 and dist.is_initialized():
@@ -131,7 +133,7 @@ def choose_precision(asked: str, device: torch.device, d: Dist, log) -> Precisio
 
 
 def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, fingerprint, train_manifest, val_shard,
-           final_path, log):
+           final_path, log, stop: StopRequest):
     t, arch = settings.train, settings.architecture
     say = (lambda msg: print(msg, file=log, flush=True)) if d.master else (lambda msg: None)
     if d.master:
@@ -155,7 +157,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     for w in caught:
         print(f"warning: {w.message}", file=log, flush=True)
         warnings.warn(w.message, stacklevel=2)
-    step, tokens_seen, elapsed = 0, 0, 0.0
+    step, batches, tokens_seen, elapsed = 0, 0, 0, 0.0
     cursor = {"epoch": 0, "chunk": 0, "batch": 0}
     if state is not None:
         gpt.load_state_dict(state["model"])
@@ -163,7 +165,9 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
         restore_rng(state["rng"], d, device, log)
         step, tokens_seen, elapsed, cursor = state["step"], state["tokens"], state["elapsed_s"], state["cursor"]
-        say(f"resuming {run_dir} from {ckpt_path.name}: step {step}, {tokens_seen:,} tokens, cursor {cursor}")
+        batches = state["batches"]
+        say(f"resuming {run_dir} from {ckpt_path.name}: step {step}, {batches:,} batches, {tokens_seen:,} tokens, "
+            f"cursor {cursor}")
     else:
         say(f"starting run {run_dir} (no checkpoint yet)")
     metrics = Metrics(run_dir / "metrics.jsonl", step if state is not None else None) if d.master else None
@@ -173,6 +177,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         model = torch.compile(model, dynamic=True)  # every batch has its own (n, seq_len)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model_plain = LossModel(gpt)  # validation: no DDP hooks, no compile
 
     data = TrainData(train_manifest)
     val = ShardReader(val_shard)
@@ -196,16 +201,47 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         gpt.train()
         return nll / max(n, 1)
 
-    model_plain = LossModel(gpt)
-
-    def checkpoint(done=False):
+    def checkpoint(done=False) -> Path | None:
         rng = gather_rng(d, device)  # a collective: every rank takes part
         if d.master:
-            save_checkpoint(run_dir, step, {
+            return save_checkpoint(run_dir, step, {
                 "model": gpt.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng, "cursor": dict(cursor), "step": step, "tokens": tokens_seen, "elapsed_s": elapsed,
-                "done": done, "world_size": d.world, "architecture": as_plain_dict(arch),
+                "rng": rng, "cursor": dict(cursor), "step": step, "batches": batches, "tokens": tokens_seen,
+                "elapsed_s": elapsed, "done": done, "world_size": d.world, "architecture": as_plain_dict(arch),
                 "train": as_plain_dict(t)}, keep=t.keep_checkpoints)
+        return None
+
+    def train_step(c: int, group: list[int]) -> tuple[float, torch.Tensor, bool]:
+        """One optimizer step over the batches `group` of chunk c (dealt out among the ranks): (mean loss,
+        grad norm, whether any rank was asked to stop)."""
+        shape = data.shape[c]
+        n_pred = sum(int(shape[b, 0]) * predicted_positions(int(shape[b, 1]), start) for b in group)
+        mine = group[d.rank::d.world] or group[:1]   # a rank with no batch left runs one with weight 0
+        weight = (d.world / n_pred) if group[d.rank::d.world] else 0.0  # DDP averages over ranks
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(mine):
+            x, y = inputs_and_targets(data.tokens(c, b))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = i == len(mine) - 1 or d.world == 1
+            with model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext():
+                with amp():
+                    nll = model(x, y, start)
+                scaler.scale(nll * weight).backward()
+            if weight:
+                loss_sum += nll.detach()
+        stop_now = stop.requested
+        if d.world > 1:  # the step's loss and the ranks' stop flags in one all-reduce
+            both = torch.stack([loss_sum, torch.tensor(float(stop_now), device=device)])
+            dist.all_reduce(both)
+            loss_sum, stop_now = both[0], bool(both[1].item() > 0)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum.item() / n_pred, grad_norm, stop_now
 
     if d.master and state is None and t.val_every_steps:
         metrics.write(kind="val", step=0, tokens=0, val_loss=validate())
@@ -217,7 +253,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     done = state is not None and state.get("done", False)
     while not done and cursor["epoch"] < t.epochs:
         e = cursor["epoch"]
-        corder = chunk_order(t.seed, e, len(data.chunks))
+        corder = chunk_order(t.seed, e, len(data.chunks), t.shuffle_chunks)
         while cursor["chunk"] < len(corder):
             c = int(corder[cursor["chunk"]])
             shape = data.shape[c]
@@ -227,47 +263,32 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
                     continue
                 t0 = time.perf_counter()
                 group = [int(b) for b in order[begin:end]]
-                n_pred = sum(int(shape[b, 0]) * predicted_positions(int(shape[b, 1]), start) for b in group)
-                step_tokens = sum(int(shape[b, 0] * shape[b, 1]) for b in group)
-                mine = group[d.rank::d.world] or group[:1]   # a rank with no batch left runs one with weight 0
-                weight = (d.world / n_pred) if group[d.rank::d.world] else 0.0  # DDP averages over ranks
-                lr = lr_at(step + 1, t)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
-                for i, b in enumerate(mine):
-                    x, y = inputs_and_targets(data.tokens(c, b))
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sync = i == len(mine) - 1 or d.world == 1
-                    ctx = model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        with amp():
-                            nll = model(x, y, start)
-                        scaler.scale(nll * weight).backward()
-                    if weight:
-                        loss_sum += nll.detach()
-                if d.world > 1:
-                    dist.all_reduce(loss_sum)
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                lr = lr_at(batches, t)  # the schedule counts batches, whatever the number of processes
+                loss, grad_norm, stop_now = train_step(c, group)
                 step += 1
+                batches += len(group)
+                step_tokens = sum(int(shape[b, 0] * shape[b, 1]) for b in group)
                 tokens_seen += step_tokens
                 cursor["batch"] = end
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 if d.master:
-                    loss = loss_sum.item() / n_pred
-                    metrics.write(kind="train", step=step, tokens=tokens_seen, loss=loss, lr=lr,
+                    metrics.write(kind="train", step=step, batches=batches, tokens=tokens_seen, loss=loss, lr=lr,
                                   grad_norm=float(grad_norm), tokens_per_s=step_tokens / dt, elapsed_s=elapsed)
                     bar.update(step_tokens)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
                     if t.val_every_steps and step % t.val_every_steps == 0:
                         metrics.write(kind="val", step=step, tokens=tokens_seen, val_loss=validate())
-                if step % t.checkpoint_every_steps == 0:
-                    checkpoint()
+                if step % t.checkpoint_every_steps == 0 or stop_now:
+                    path = checkpoint()
+                if stop_now:
+                    if bar is not None:
+                        bar.close()
+                    if d.master:
+                        metrics.close()
+                    raise Preempted(f"stopped by {stop.name or 'a signal on another rank'} after step {step} "
+                                    f"({tokens_seen:,} tokens): checkpoint {path or 'of this step'} written; "
+                                    f"run the same command again to resume from it")
             cursor["chunk"] += 1
             cursor["batch"] = 0
             if cursor["chunk"] == len(corder):
@@ -286,7 +307,8 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     final_path = Path(final_path)
     if d.master:
         save_model(final_path, gpt, arch, run_dir=os.path.relpath(run_dir, final_path.parent), step=step,
-                   tokens=tokens_seen, elapsed_s=elapsed, train=as_plain_dict(t), world_size=d.world)
+                   tokens=tokens_seen, elapsed_s=elapsed, train=as_plain_dict(t), world_size=d.world,
+                   precision=precision.as_dict())
         metrics.close()
         say(f"wrote {final_path}: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s of training")
     return final_path
@@ -301,30 +323,60 @@ def _die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _child_env(**extra) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **extra)
+
+
 def launch(ini_path, train_manifest, val_shard, final_path, threads: int = 0, log=None) -> None:
-    """The `train` rule: in this process, or under torchrun with [train] nproc_per_node processes."""
-    settings = load_settings(ini_path)
-    log_path = Path(log) if log else None
-    if log_path:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+    """The `train` rule: the trainer as a process of its own (`python -m model.train`, which starts torchrun
+    when [train] nproc_per_node > 1), so that it can catch SIGTERM/SIGINT/SIGUSR1 in its main thread and stop
+    with a checkpoint; Snakemake's `run:` block runs in a worker thread, where Python allows no handlers."""
+    cmd = [sys.executable, "-m", "model.train", "--ini", str(ini_path), "--train", str(train_manifest),
+           "--val", str(val_shard), "--final", str(final_path), "--threads", str(threads)]
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        cmd += ["--log", str(log)]
+    proc = subprocess.run(cmd, env=_child_env(), preexec_fn=_die_with_parent)
+    where = f"; see {log}" if log else ""
+    if proc.returncode == EXIT_PREEMPTED:
+        raise RuntimeError(f"training stopped on a signal after writing a checkpoint (exit {EXIT_PREEMPTED}); "
+                           f"run the same command again to resume{where}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}){where}")
+
+
+def run_torchrun(settings: Settings, argv: list[str], threads: int, log) -> int:
+    """[train] nproc_per_node > 1: torchrun with that many processes; a stop signal that reaches this process
+    goes on to torchrun as SIGTERM, which passes it to every rank (torchrun does not pass on SIGUSR1)."""
     n = settings.train.nproc_per_node
-    with (open(log_path, "a", encoding="utf-8", buffering=1) if log_path else contextlib.nullcontext(sys.stderr)) as fh:
-        if n == 1:
-            train(settings, train_manifest, val_shard, final_path, threads=threads, log=fh)
-            return
-        per_proc = settings.train.threads or max(1, (threads or os.cpu_count() or 1) // n)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "model.train", "--ini", str(ini_path), "--train", str(train_manifest), "--val", str(val_shard),
-               "--final", str(final_path), "--threads", str(per_proc * n)]
-        print(" ".join(cmd), file=fh, flush=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(per_proc),
-                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-        if proc.returncode != 0:
-            raise RuntimeError(f"torchrun exited with {proc.returncode}; see {log_path or 'the output above'}")
+    per_proc = settings.train.threads or max(1, (threads or os.cpu_count() or 1) // n)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "model.train", *argv, "--threads", str(per_proc * n)]
+    print(" ".join(cmd), file=log, flush=True)
+    # torchrun in a session of its own: a signal to our process group reaches it once, through us
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(OMP_NUM_THREADS=str(per_proc)),
+                            preexec_fn=lambda: (os.setsid(), _die_with_parent()))
+    seen = []
+
+    def forward(signum, frame):
+        seen.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if rc != 0 and seen:
+        print(f"torchrun stopped on {signal.Signals(seen[0]).name} (passed on to every rank as SIGTERM)",
+              file=log, flush=True)
+        return EXIT_PREEMPTED
+    return rc
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ini", required=True)
     p.add_argument("--train", required=True, help="the train split's train.json")
@@ -335,8 +387,17 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     settings = load_settings(a.ini)
     with (open(a.log, "a", encoding="utf-8", buffering=1) if a.log else contextlib.nullcontext(sys.stderr)) as fh:
-        train(settings, a.train, a.val, a.final, threads=a.threads, log=fh)
+        if settings.train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+            args = ["--ini", a.ini, "--train", a.train, "--val", a.val, "--final", a.final]
+            return run_torchrun(settings, args, a.threads, fh)
+        try:
+            train(settings, a.train, a.val, a.final, threads=a.threads, log=fh)
+        except Preempted as e:
+            if Dist.from_env().master:
+                print(str(e), file=fh, flush=True)
+            return EXIT_PREEMPTED
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

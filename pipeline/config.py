@@ -93,10 +93,17 @@ class Train:
     num_of_chunks_to_use: int = _key("train on the first N chunks in numeric order, the validation chunk excluded",
                                      default=17)
     max_lr: float = _key("peak learning rate of AdamW", default=2.5e-4)
-    warmup_steps: int = _key("linear warm-up over this many optimizer steps", default=40000)
-    steps_to_attenuate_lr_to_zero: int = _key("cosine decay: lr reaches 0 this many steps after warm-up",
+    warmup_steps: int = _key("linear warm-up over this many batches (the original's optimizer steps, one batch "
+                             "each; counted in batches whatever nproc_per_node and tokens_per_optimizer_step)",
+                             default=40000)
+    steps_to_attenuate_lr_to_zero: int = _key("cosine decay: lr reaches 0 this many batches after warm-up",
                                               default=11_500_000)
-    weight_decay: float = _key("AdamW weight decay, applied to 2-D weights only", default=0.01)
+    weight_decay: float = _key("AdamW weight decay (2-D weights only unless weight_decay_all_parameters)",
+                               default=0.01)
+    weight_decay_all_parameters: bool = _key("decay biases and LayerNorm gains too, as the original did",
+                                             default=False)
+    shuffle_chunks: bool = _key("shuffle the order of the chunks each epoch (false: in order, as the original)",
+                                default=False)
     P_drop: float = _key("dropout probability (embeddings, attention, residual branches)", default=0.1)
     init_std: float = _key("std of the normal initialisation", default=0.02)
     start_predicting_from_what_token: int = _key("the loss ignores the first N positions of each document",

@@ -102,3 +102,61 @@ def test_sigkill_of_snakemake_during_training_then_unlock_and_rerun_resumes_to_t
     log = (main_job / "checkpoints" / "logs" / "train.log").read_text()
     assert "resum" in log.lower(), log[-2000:]
     assert weights_sha256(final) == reference
+
+
+def test_sigterm_to_snakemake_train_checkpoints_the_current_step_and_the_rerun_gives_the_same_weights(main_job):
+    # What SLURM does at a time limit or a preemption: SIGTERM to every process of the job, SIGKILL 30 s later.
+    final = main_job / "checkpoints" / "final.pt"
+    reference = weights_sha256(final)
+    shutil.rmtree(next((main_job / "checkpoints").glob("run-*")))
+    final.unlink()
+    proc = subprocess.Popen(SNAKEMAKE + ["--cores", "2", "train"], cwd=main_job, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list((main_job / "checkpoints").glob("run-*/step_*.json"))
+        if ckpts and metrics_steps(main_job) >= 13:  # past the checkpoint of step 10, short of step 20
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before the signal could be sent"
+    os.killpg(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    proc.wait(timeout=30)
+    while time.monotonic() - sent < 30 and group_alive(proc.pid):
+        time.sleep(0.1)
+    assert not group_alive(proc.pid), "a process of the job outlived SIGTERM by 30 s"
+    stopped_at = metrics_steps(main_job)
+    assert stopped_at % 10 != 0
+    assert (next((main_job / "checkpoints").glob("run-*")) / f"step_{stopped_at:08d}.json").exists()
+    assert not final.exists()
+    log = (main_job / "checkpoints" / "logs" / "train.log").read_text()
+    assert f"stopped by SIGTERM after step {stopped_at}" in log
+    snakemake(main_job, "--unlock")
+    snakemake(main_job, "train")
+    assert f"from step_{stopped_at:08d}.pt" in (main_job / "checkpoints" / "logs" / "train.log").read_text()
+    assert weights_sha256(final) == reference
+
+
+def metrics_steps(folder) -> int:
+    """The last training step logged so far in the run's metrics.jsonl (0 before the first)."""
+    try:
+        lines = next((folder / "checkpoints").glob("run-*")).joinpath("metrics.jsonl").read_bytes().splitlines()
+    except (StopIteration, FileNotFoundError):
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if rec.get("kind") == "train":
+            steps.append(rec["step"])
+    return max(steps)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

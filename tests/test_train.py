@@ -37,6 +37,14 @@ def setup_run(tmp_path, P_drop=0.1, batches_per_shard=6, **train):
     return ini, train_json, val
 
 
+def train_here(ini, train_json, val, final, log=None):
+    """The trainer in this process (warnings and exceptions reach the test), one thread, log appended to `log`."""
+    if log is None:
+        return T.train(load_settings(ini), train_json, val, final, threads=1)
+    with open(log, "a") as fh:
+        return T.train(load_settings(ini), train_json, val, final, threads=1, log=fh)
+
+
 def cli(ini, train_json, val, final, log):
     return [sys.executable, "-m", "model.train", "--ini", str(ini), "--train", str(train_json), "--val", str(val),
             "--final", str(final), "--log", str(log)]
@@ -63,6 +71,7 @@ def run_dir_of(final) -> Path:
 
 def test_schedule_warms_up_linearly_then_follows_the_seeds_cosine():
     t = Train(max_lr=1.0, warmup_steps=100, steps_to_attenuate_lr_to_zero=1000)
+    assert O.lr_at(0, t) == 0.0  # the original's LambdaLR: the first optimizer step has lr 0
     assert O.lr_at(1, t) == pytest.approx(0.01)
     assert O.lr_at(50, t) == pytest.approx(0.5)
     assert O.lr_at(100, t) == pytest.approx(1.0)
@@ -116,7 +125,9 @@ def test_data_order_is_shuffled_seeded_per_epoch_and_chunk():
     assert np.array_equal(a, D.batch_order(1337, 0, 0, shape, start=8))
     assert not np.array_equal(a, D.batch_order(1337, 1, 0, shape, start=8))
     assert not np.array_equal(a, D.batch_order(1337, 0, 1, shape, start=8))
-    assert sorted(D.chunk_order(1337, 0, 17).tolist()) == list(range(17))
+    assert D.chunk_order(1337, 0, 17).tolist() == list(range(17))  # the original's order by default
+    shuffled = D.chunk_order(1337, 0, 17, shuffle=True)
+    assert sorted(shuffled.tolist()) == list(range(17)) and shuffled.tolist() != list(range(17))
     shape[::2, 1] = 8  # batches with nothing to predict are left out
     assert sorted(D.batch_order(1337, 0, 0, shape, start=8).tolist()) == list(range(1, 50, 2))
 
@@ -136,6 +147,8 @@ def test_weight_decay_only_on_two_dimensional_weights():
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
+    everything = O.make_optimizer(gpt, Train(weight_decay=0.1, weight_decay_all_parameters=True), torch.device("cpu"))
+    assert [len(g["params"]) for g in everything.param_groups] == [len(list(gpt.parameters())), 0]
 
 
 # --- a whole (tiny) run ------------------------------------------------------------------------------
@@ -150,7 +163,8 @@ def test_training_lowers_the_loss_and_writes_final_pt_and_metrics(tmp_path):
     recs = metrics(run_dir)
     train, val_recs = [r for r in recs if r["kind"] == "train"], [r for r in recs if r["kind"] == "val"]
     assert [r["step"] for r in train] == list(range(1, meta["step"] + 1))
-    assert set(train[0]) == {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    assert set(train[0]) == {"kind", "step", "batches", "tokens", "loss", "lr", "grad_norm", "tokens_per_s",
+                             "elapsed_s"}
     assert train[-1]["tokens"] == meta["tokens"] == sum(c["tokens"] for c in orjson.loads(train_json.read_bytes())["chunks"])
     assert val_recs[0]["step"] == 0 and val_recs[-1]["step"] == meta["step"]
     assert val_recs[0]["val_loss"] == pytest.approx(math.log(50257), rel=0.01)  # untrained: uniform
@@ -196,7 +210,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path):
     ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
     final = tmp_path / "ckpt" / "final.pt"
-    T.launch(ini, train_json, val, final, threads=1)
+    train_here(ini, train_json, val, final)
     run_dir = run_dir_of(final)
     last_step = load_model(final)[2]["step"]
     ckpts = list_checkpoints(run_dir)
@@ -211,7 +225,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_a_warning(t
     latest.write_bytes(bytes(data[:1000]))  # truncated: the trainer resumes from the previous one
     final.unlink()
     with pytest.warns(UserWarning, match="truncated or corrupt"):
-        T.launch(ini, train_json, val, final, threads=1, log=tmp_path / "again.log")
+        train_here(ini, train_json, val, final, log=tmp_path / "again.log")
     assert f"from {previous.name}" in (tmp_path / "again.log").read_text()
     assert load_model(final)[2]["step"] == last_step and len(list_checkpoints(run_dir)) == 2
 
@@ -219,7 +233,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_a_warning(t
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
     final = tmp_path / "ckpt" / "final.pt"
-    T.launch(ini, train_json, val, final, threads=1)
+    train_here(ini, train_json, val, final)
     run_dir = run_dir_of(final)
     other = Architecture(N=3, d_model=32, d_ff=64, h=2, d_k=16, d_v=16, positional_encoding_max_pos=40)
     with pytest.raises(ModelFileError, match=r"step_\d+\.pt: the model has another architecture.*N = 2 in the file but 3"):
@@ -229,16 +243,16 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_changed_train_setting_starts_a_new_run_and_unchanged_one_resumes(tmp_path):
     ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
     final = tmp_path / "ckpt" / "final.pt"
-    T.launch(ini, train_json, val, final, threads=1)
+    train_here(ini, train_json, val, final)
     first = run_dir_of(final)
     sha = weights_sha256(final)
     final.unlink()
-    T.launch(ini, train_json, val, final, threads=1, log=tmp_path / "again.log")  # the finished run: no training
+    train_here(ini, train_json, val, final, log=tmp_path / "again.log")  # the finished run: no training
     assert run_dir_of(final) == first and weights_sha256(final) == sha
     assert "resuming" in (tmp_path / "again.log").read_text()
     ini.write_text(ini.read_text().replace("max_lr = 3e-3", "max_lr = 1e-3").replace("keep_checkpoints = 2",
                                                                                      "keep_checkpoints = 3"))
-    T.launch(ini, train_json, val, final, threads=1)
+    train_here(ini, train_json, val, final)
     assert run_dir_of(final) != first and weights_sha256(final) != sha
     ini.write_text(ini.read_text().replace("keep_checkpoints = 3", "keep_checkpoints = 4"))  # operational only
     assert R.run_dir_for(load_settings(ini), train_json)[0] == run_dir_of(final)
@@ -254,11 +268,11 @@ def test_second_trainer_on_the_same_run_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RuntimeError, match=rf"{run_dir.name}/lock: another trainer \(pid {holder.pid}"):
-            T.launch(ini, train_json, val, tmp_path / "ckpt" / "final.pt", threads=1)
+            train_here(ini, train_json, val, tmp_path / "ckpt" / "final.pt")
     finally:
         holder.kill()
         holder.wait()
-    T.launch(ini, train_json, val, tmp_path / "ckpt" / "final.pt", threads=1)  # the lock died with its holder
+    train_here(ini, train_json, val, tmp_path / "ckpt" / "final.pt")  # the lock died with its holder
     assert (tmp_path / "ckpt" / "final.pt").exists()
 
 
@@ -267,7 +281,7 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     # batches of a step out to the 2 ranks and averages their gradients, so the weights must agree.
     ini, train_json, val = setup_run(tmp_path, P_drop=0.0, tokens_per_optimizer_step=300)
     single = tmp_path / "single" / "final.pt"
-    T.launch(ini, train_json, val, single, threads=1)
+    train_here(ini, train_json, val, single)
     ini.write_text(ini.read_text().replace("[train]", "[train]\nnproc_per_node = 2")
                    .replace(f"{tmp_path}/ckpt", f"{tmp_path}/ddp"))
     final = tmp_path / "ddp" / "final.pt"
@@ -280,3 +294,90 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
     recs = metrics(run_dir_of(final))
     assert recs[-1]["kind"] == "val" and recs[-1]["val_loss"] < recs[0]["val_loss"] - 0.3
+
+
+# --- preemption: SIGTERM, SIGINT, SIGUSR1 --------------------------------------------------------------
+
+def wait_for_step(run_parent: Path, step: int, proc, timeout=120) -> None:
+    def last_step():
+        try:
+            return max(r["step"] for r in metrics(next(run_parent.glob("run-*"))) if r["kind"] == "train")
+        except (StopIteration, FileNotFoundError, ValueError, orjson.JSONDecodeError):
+            return 0
+    deadline = time.time() + timeout
+    while last_step() < step and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before the signal could be sent"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A whole run with dropout on (the RNG states must survive a stop too): its weights' sha256."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    ini, train_json, val = setup_run(tmp)
+    subprocess.run(cli(ini, train_json, val, tmp / "ckpt" / "final.pt", tmp / "log"), cwd=ROOT, check=True)
+    return weights_sha256(tmp / "ckpt" / "final.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_stop_signal_checkpoints_the_current_step_exits_75_and_the_resume_is_bitwise_identical(
+        tmp_path, sig, uninterrupted):
+    ini, train_json, val = setup_run(tmp_path)
+    final = tmp_path / "ckpt" / "final.pt"
+    proc = subprocess.Popen(cli(ini, train_json, val, final, tmp_path / "stopped.log"), cwd=ROOT)
+    wait_for_step(tmp_path / "ckpt", 7, proc)  # between the checkpoints of steps 5 and 10
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 75
+    assert time.monotonic() - sent < 10
+    assert not final.exists()
+    run_dir = next((tmp_path / "ckpt").glob("run-*"))
+    stopped_at = max(r["step"] for r in metrics(run_dir) if r["kind"] == "train")
+    assert list_checkpoints(run_dir)[-1].name == f"step_{stopped_at:08d}.pt" and stopped_at % 5 != 0
+    log = (tmp_path / "stopped.log").read_text()
+    assert f"stopped by {sig.name} after step {stopped_at}" in log and "run the same command again" in log
+
+    subprocess.run(cli(ini, train_json, val, final, tmp_path / "resumed.log"), cwd=ROOT, check=True)
+    assert f"from step_{stopped_at:08d}.pt" in (tmp_path / "resumed.log").read_text()
+    assert weights_sha256(final) == uninterrupted
+
+
+def test_sigterm_reaches_every_ddp_rank_through_the_launcher(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0, nproc_per_node=2)
+    final = tmp_path / "ckpt" / "final.pt"
+    proc = subprocess.Popen(cli(ini, train_json, val, final, tmp_path / "ddp.log") + ["--threads", "2"], cwd=ROOT)
+    wait_for_step(tmp_path / "ckpt", 3, proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher only: it passes the signal on through torchrun
+    assert proc.wait(timeout=30) == 75
+    run_dir = next((tmp_path / "ckpt").glob("run-*"))
+    stopped_at = max(r["step"] for r in metrics(run_dir) if r["kind"] == "train")
+    assert list_checkpoints(run_dir)[-1].name == f"step_{stopped_at:08d}.pt"
+    assert not final.exists()
+    subprocess.run(cli(ini, train_json, val, final, tmp_path / "ddp.log") + ["--threads", "2"], cwd=ROOT, check=True)
+    assert load_model(final)[2]["step"] > stopped_at
+
+
+# --- the schedule does not depend on the number of processes --------------------------------------------
+
+def test_one_and_two_processes_follow_the_same_learning_rate_over_the_tokens_seen(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0, warmup_steps=6, steps_to_attenuate_lr_to_zero=40)
+    one = tmp_path / "one" / "final.pt"
+    train_here(ini, train_json, val, one)
+    ini.write_text(ini.read_text().replace("[train]", "[train]\nnproc_per_node = 2"))
+    two = tmp_path / "two" / "final.pt"
+    T.launch(ini, train_json, val, two, threads=2, log=tmp_path / "two.log")
+
+    def lr_by_tokens_before(final):
+        recs = [r for r in metrics(run_dir_of(final)) if r["kind"] == "train"]
+        before = [0] + [r["tokens"] for r in recs[:-1]]
+        return dict(zip(before, (r["lr"] for r in recs))), recs[-1]
+
+    lr_one, last_one = lr_by_tokens_before(one)
+    lr_two, last_two = lr_by_tokens_before(two)
+    assert len(lr_two) < len(lr_one)  # two batches per step: fewer steps
+    for tokens, lr in lr_two.items():  # the same rate at the same point of the data
+        assert lr == pytest.approx(lr_one[tokens], abs=1e-12)
+    assert last_two["batches"] == last_one["batches"] and last_two["tokens"] == last_one["tokens"]
+    t = load_settings(ini).train
+    one_batch = max(abs(O.lr_at(b, t) - O.lr_at(b - 1, t)) for b in range(1, last_one["batches"] + 1))
+    assert abs(last_two["lr"] - last_one["lr"]) <= one_batch  # the same final rate, within one batch's step
