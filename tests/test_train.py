@@ -171,6 +171,8 @@ def test_training_lowers_the_loss_and_writes_final_pt_and_metrics(tmp_path):
     assert val_recs[-1]["val_loss"] < val_recs[0]["val_loss"] - 1.0
     assert len(list_checkpoints(run_dir)) == 2  # keep_checkpoints
     assert "wrote" in (tmp_path / "train.log").read_text()
+    precision = orjson.loads((run_dir / "config.json").read_bytes())["precision"]
+    assert precision == {"dtype": "float32", "asked": "float32", "reason": "asked for"} == meta["precision"]
 
 
 def test_sigkill_then_resume_gives_identical_weights(tmp_path):
