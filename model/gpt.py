@@ -46,12 +46,13 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, arch: Architecture, P_drop: float):
+    def __init__(self, arch: Architecture, P_drop: float, attention_dropout: bool = False):
         super().__init__()
         self.h, self.d_k = arch.h, arch.d_k
         self.c_attn = nn.Linear(arch.d_model, 3 * arch.d_model)  # queries, keys, values of all heads at once
         self.c_proj = nn.Linear(arch.d_model, arch.d_model)
-        self.P_drop = P_drop
+        # Dropout on the attention weights is GPT-2's (attn_pdrop), not the original project's: off by default.
+        self.attn_P_drop = P_drop if attention_dropout else 0.0
         self.resid_dropout = nn.Dropout(P_drop)
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
@@ -71,7 +72,7 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.P_drop if self.training else 0.0)
+                                           dropout_p=self.attn_P_drop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -90,10 +91,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm decoder block (GPT-2): the LayerNorm is inside the residual branch."""
 
-    def __init__(self, arch: Architecture, P_drop: float):
+    def __init__(self, arch: Architecture, P_drop: float, attention_dropout: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(arch.d_model, eps=1e-5)
-        self.attn = CausalSelfAttention(arch, P_drop)
+        self.attn = CausalSelfAttention(arch, P_drop, attention_dropout)
         self.ln_2 = nn.LayerNorm(arch.d_model, eps=1e-5)
         self.mlp = MLP(arch, P_drop)
 
@@ -103,30 +104,36 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, arch: Architecture, P_drop: float = 0.0, init_std: float = 0.02):
+    """P_drop: dropout on the embeddings and on each residual branch's output (the original's), and on the
+    attention weights too with attention_dropout (GPT-2's). scale_residual_init: GPT-2's 1/sqrt(2N) on the
+    residual output projections' init (false: the original's plain N(0, init_std) everywhere)."""
+
+    def __init__(self, arch: Architecture, P_drop: float = 0.0, init_std: float = 0.02,
+                 scale_residual_init: bool = True, attention_dropout: bool = False):
         super().__init__()
         self.arch = arch
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(PADDED_VOCAB_SIZE, arch.d_model),
             wpe=nn.Embedding(arch.positional_encoding_max_pos, arch.d_model),
             drop=nn.Dropout(P_drop),
-            h=nn.ModuleList(Block(arch, P_drop) for _ in range(arch.N)),
+            h=nn.ModuleList(Block(arch, P_drop, attention_dropout) for _ in range(arch.N)),
             ln_f=nn.LayerNorm(arch.d_model, eps=1e-5),
         ))
         self.lm_head = nn.Linear(arch.d_model, PADDED_VOCAB_SIZE, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: the output projection is the embedding
-        self.init_weights(init_std)
+        self.init_weights(init_std, scale_residual_init)
 
     @torch.no_grad()
-    def init_weights(self, init_std: float) -> None:
-        """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2N) (GPT-2 paper, sec. 2.3:
-        each block adds two branches to the residual stream); biases 0, LayerNorm 1; padded vocab rows 0."""
+    def init_weights(self, init_std: float, scale_residual_init: bool = True) -> None:
+        """N(0, init_std) everywhere; with scale_residual_init, residual output projections scaled by 1/sqrt(2N)
+        (GPT-2 paper, sec. 2.3: each block adds two branches to the residual stream, so their sum's variance
+        stays put as N grows); biases 0, LayerNorm 1; padded vocab rows 0."""
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
             elif ".ln_" in name or name.startswith("transformer.ln_f"):
                 p.fill_(1.0)
-            elif name.endswith("c_proj.weight"):
+            elif scale_residual_init and name.endswith("c_proj.weight"):
                 p.normal_(0.0, init_std / math.sqrt(2 * self.arch.N))
             else:
                 p.normal_(0.0, init_std)

@@ -144,7 +144,8 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
 
     # -- model, optimizer, precision
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    gpt = GPT(arch, P_drop=t.P_drop, init_std=t.init_std).to(device)
+    gpt = GPT(arch, P_drop=t.P_drop, init_std=t.init_std, scale_residual_init=t.scale_residual_init,
+              attention_dropout=t.attention_dropout).to(device)
     optimizer = make_optimizer(gpt, t, device)
     amp = lambda: autocast(device, precision.dtype)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == "float16")

@@ -104,8 +104,12 @@ class Train:
                                              default=False)
     shuffle_chunks: bool = _key("shuffle the order of the chunks each epoch (false: in order, as the original)",
                                 default=False)
-    P_drop: float = _key("dropout probability (embeddings, attention, residual branches)", default=0.1)
+    P_drop: float = _key("dropout probability (embeddings and residual branches)", default=0.1)
+    attention_dropout: bool = _key("also drop attention weights with P_drop, as GPT-2 does (false: as the original)",
+                                   default=False)
     init_std: float = _key("std of the normal initialisation", default=0.02)
+    scale_residual_init: bool = _key("residual output projections initialised with init_std / sqrt(2 N), as GPT-2 "
+                                     "(false: N(0, init_std) everywhere, as the original)", default=True)
     start_predicting_from_what_token: int = _key("the loss ignores the first N positions of each document",
                                                  default=8)
     grad_clip: float = _key("clip the global gradient norm to this (0 = off)", default=1.0)

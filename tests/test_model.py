@@ -58,6 +58,14 @@ def test_initialisation_scales_residual_projections_and_zeroes_padding():
     assert m.transformer.wte.weight[:VOCAB_SIZE].std().item() == pytest.approx(0.05, rel=0.02)
     assert m.transformer.wte.weight[VOCAB_SIZE:].abs().max().item() == 0
     assert m.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0
+
+
+def test_scale_residual_init_false_is_the_originals_plain_init():
+    torch.manual_seed(0)
+    arch = Architecture(N=8, d_model=256, d_ff=1024, h=4, d_k=64, d_v=64, positional_encoding_max_pos=64)
+    m = GPT(arch, init_std=0.05, scale_residual_init=False)
+    for w in (m.transformer.h[3].mlp.c_proj.weight, m.transformer.h[3].attn.c_proj.weight):
+        assert w.std().item() == pytest.approx(0.05, rel=0.05)
     assert (m.transformer.ln_f.weight == 1).all()
 
 
@@ -101,6 +109,17 @@ def test_dropout_is_active_in_training_mode_only():
         assert torch.equal(m(idx), m(idx))
         m.train()
         assert not torch.equal(m(idx), m(idx))
+
+
+@pytest.mark.parametrize("attention_dropout", [False, True])
+def test_attention_weights_are_dropped_only_with_attention_dropout(attention_dropout):
+    torch.manual_seed(0)
+    attn = GPT(TINY, P_drop=0.5, attention_dropout=attention_dropout).transformer.h[0].attn.train()
+    attn.resid_dropout = torch.nn.Identity()  # leave only the dropout inside attention
+    x = torch.randn(2, 10, TINY.d_model)
+    with torch.no_grad():
+        same = torch.equal(attn(x), attn(x))
+    assert same != attention_dropout
 
 
 def test_too_many_positions_is_an_error():
