@@ -337,3 +337,51 @@ def test_lm_eval_docs_are_the_scored_tokens_as_text(tmp_path):
     assert manifest["documents"] == 2
     assert manifest["documents_cut_mid_character"] == (want != rows[1]["text"].encode())
     assert manifest["bytes"] == sum(len(r["text"].encode()) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+
+def test_lm_eval_scores_the_exported_model_with_the_shipped_task(exported):
+    """The documented command on the exported folder: its bits_per_byte and word_perplexity equal our model's
+    sum of -ln p over every token of each text after <|endoftext|> (lm-eval's positions), by hand."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed here; it lives in its own "
+                        "venv (docs/hf.md): /work/venv-lmeval/bin/python -m pytest tests/test_hf.py -k lm_eval")
+    import subprocess
+    import sys
+
+    from pipeline.shards import Batch, ShardWriter
+    from tests.corpus import ROOT
+
+    folder, model = exported
+    enc = gpt2_encoding()
+    writer = ShardWriter(folder / "val.arrow")  # real text, cut to fit the tiny model's 64 positions
+    for line in sample_lines("val", 5):
+        ids = [EOT] + enc.encode_ordinary(orjson.loads(line)["text"])[:50]
+        writer.add(Batch(tokens=np.array([ids], np.uint16), pile_set=np.array([0], np.int8),
+                         n_bytes=np.array([0], np.int32)))
+    writer.close()
+    export.write_lm_eval_docs(folder / "val.arrow", folder / "lm_eval" / "val.jsonl", folder / "lm_eval" / "m.json")
+    lm_eval = [sys.executable, "-m", "lm_eval"]
+    proc = subprocess.run(lm_eval + ["--model", "hf", "--model_args", f"pretrained={folder / 'hf'},dtype=float32",
+                                     "--tasks", "pile_gpt2_val", "--include_path", str(ROOT / "eval"),
+                                     "--device", "cpu", "--batch_size", "2", "--limit", "3",
+                                     "--output_path", str(folder / "lm_eval_out")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                               "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [out] = list((folder / "lm_eval_out").rglob("results_*.json"))
+    got = json.loads(out.read_text())["results"]["pile_gpt2_val"]
+
+    rows = [json.loads(line) for line in (folder / "lm_eval" / "val.jsonl").read_text().splitlines()][:3]
+    nll = words = n_bytes = 0
+    for row in rows:
+        idx = torch.tensor([[EOT] + enc.encode_ordinary(row["text"])])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(idx)[0].double(), dim=-1)
+        nll -= logp[:-1].gather(-1, idx[0, 1:, None]).sum().item()  # positions 0 ... L-2: no final target
+        words += len(row["text"].split())
+        n_bytes += len(row["text"].encode())
+    assert got["bits_per_byte,none"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-4)
+    assert got["byte_perplexity,none"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-4)
+    assert got["word_perplexity,none"] == pytest.approx(math.exp(nll / words), rel=1e-4)
