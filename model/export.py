@@ -225,7 +225,7 @@ def write_lm_eval_docs(val_shard, out_jsonl, manifest, log=None) -> dict:
     doc = {"val_split": str(val_shard), "docs": str(out_jsonl), **counts,
            "note": "text = the decoded tokens after <|endoftext|>, i.e. the documents as cut to max_len_tokens; "
                    "re-encoding a text can differ from the shard's tokens where the cut split a word or a "
-                   "character (documents_reencoded_identically counts those that do not)"}
+                   "character (documents_reencoded_identically counts the texts that give the same tokens again)"}
     write_json(manifest, doc)
     return doc
 

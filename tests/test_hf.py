@@ -241,6 +241,25 @@ def test_export_writes_a_complete_folder_atomically(exported):
     assert provenance["step"] == 7 and provenance["source"].endswith("final.pt")
 
 
+def test_snakemake_export_plans_the_folder_and_the_documents_after_training(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from tests.corpus import ROOT, small_corpus
+
+    small_corpus(tmp_path / "data", 5)
+    ini = write_tiny_ini(tmp_path / "config.ini", tmp_path, val={"results_dir": "{folder}/results"},
+                         train={"num_of_chunks_to_use": 2})
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-n", "--cores", "1",
+                           "export", "--config", f"ini={ini}"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
+    assert {k: jobs.get(k) for k in ("train", "export_hf", "lm_eval_docs", "export")} == \
+        {"train": "1", "export_hf": "1", "lm_eval_docs": "1", "export": "1"}
+    assert f"{tmp_path}/results/hf" in proc.stdout and f"{tmp_path}/results/lm_eval/val.jsonl" in proc.stdout
+
+
 def test_generation_config_follows_inference_settings():
     sampling = {"how_many_tokens_to_generate": 30, "inference_method": "sampling", "beam_size": 4,
                 "length_penalty": 1.0, "temperature": 0.8, "top_k": 0, "top_p": 0.9, "seed": 1}
