@@ -214,7 +214,10 @@ def load_hf_folder(folder, map_location="cpu"):
     meta = {"path": str(folder), "format": "huggingface", "hf_config": cfg}
     provenance = folder / "export.json"
     if provenance.is_file():
-        exported = json.loads(provenance.read_text(encoding="utf-8"))
+        try:
+            exported = json.loads(provenance.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ModelFileError(f"{provenance}: not JSON ({e})") from None
         meta.update({k: exported[k] for k in ("step", "tokens", "run_dir", "train") if k in exported})
     return model, arch, meta
 
