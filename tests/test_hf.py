@@ -79,10 +79,18 @@ def exported(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 # Logits
 
-def test_exported_model_gives_our_logits_in_transformers(exported):
+def text_batch(n=3, length=40):
+    """Documents as the workflow feeds them: <|endoftext|> and the first tokens of real texts."""
+    enc = gpt2_encoding()
+    docs = [[EOT] + enc.encode_ordinary(orjson.loads(line)["text"])[:length - 1] for line in sample_lines("val", n)]
+    return torch.tensor(docs)
+
+
+@pytest.mark.parametrize("batch", ["real text", "random tokens"])
+def test_exported_model_gives_our_logits_in_transformers(exported, batch):
     folder, model = exported
     theirs = transformers.GPT2LMHeadModel.from_pretrained(folder / "hf").eval()
-    idx = tokens()
+    idx = text_batch() if batch == "real text" else tokens()
     with torch.no_grad():
         want, got = model(idx), theirs(idx).logits
     assert got.shape == want.shape == (3, 40, VOCAB_SIZE)
@@ -364,8 +372,8 @@ def test_lm_eval_docs_are_the_scored_tokens_as_text(tmp_path):
 def test_lm_eval_scores_the_exported_model_with_the_shipped_task(exported):
     """The documented command on the exported folder: its bits_per_byte and word_perplexity equal our model's
     sum of -ln p over every token of each text after <|endoftext|> (lm-eval's positions), by hand."""
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed here; it lives in its own "
-                        "venv (docs/hf.md): /work/venv-lmeval/bin/python -m pytest tests/test_hf.py -k lm_eval")
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed here; it lives in a venv of its "
+                        "own (docs/hf.md): .venv-lmeval/bin/python -m pytest tests/test_hf.py -k lm_eval")
     import subprocess
     import sys
 
