@@ -14,8 +14,8 @@ t_{i+1}, and the last position predicts <|endoftext|>, as in training. Positions
     document_averaged_perplexity                            positions start ... L-2: the original ppl.py's,
                                                             which never scores the final <|endoftext|> target
 
-The final target follows a cut at max_len_words or max_len_tokens, mid-sentence, so it is a hard prediction
-that the original did not score. Per document we keep sums, never means, so per-subset figures add up
+After a cut at max_len_words or max_len_tokens that final target sits mid-sentence: a hard prediction, which
+the original did not score. Per document we keep sums, never means, so per-subset figures add up
 exactly to the overall ones:
 
     tokens     L - start                              predicted tokens (token-weighted figures)
