@@ -256,6 +256,7 @@ def test_snakemake_export_plans_the_folder_and_the_documents_after_training(tmp_
 
     from tests.corpus import ROOT, small_corpus
 
+    pytest.importorskip("snakemake", reason="snakemake is not installed in this environment (requirements.txt)")
     small_corpus(tmp_path / "data", 5)
     ini = write_tiny_ini(tmp_path / "config.ini", tmp_path, val={"results_dir": "{folder}/results"},
                          train={"num_of_chunks_to_use": 2})
