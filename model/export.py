@@ -158,7 +158,9 @@ def export_model(model, arch, out_dir, meta: dict | None = None, inference: dict
                        init_std=float(train.get("init_std", 0.02)))
     provenance = {"format": EXPORT_FORMAT, "source": meta.get("hub_id") or meta.get("path"),
                   "architecture": as_plain_dict(arch), "tokenizer_ranks_sha256": RANKS_SHA256,
-                  **{k: meta[k] for k in ("step", "tokens", "run_dir", "train") if k in meta}}
+                  **{k: meta[k] for k in ("step", "tokens", "run_dir") if k in meta}}
+    if train:  # the settings, not this machine's folders: the folder may be published
+        provenance["train"] = {k: v for k, v in train.items() if not k.startswith(("folder_", "path_"))}
     out_dir = Path(out_dir)
     with atomic_output(out_dir, is_dir=True) as tmp:
         save_hf_weights(model, tmp / "model.safetensors")
