@@ -199,3 +199,46 @@ rule report:
         from model import report as plots
 
         plots.run(input.model, input.perplexity, output.training, output.throughput, output.perplexity, log=log[0])
+
+
+rule export_hf:
+    """The final model as a Hugging Face GPT-2 folder: GPT2LMHeadModel config, safetensors, GPT-2's tokenizer
+    built from the shipped ranks; [inference] becomes generation_config.json."""
+    input:
+        model=rules.train.output[0],
+        code=MODEL_CODE + source("model/hf.py", "model/export.py", "pipeline/tokenizer.py", "pipeline/gpt2.tiktoken"),
+    output:
+        directory(f"{RESULTS}/hf"),
+    params:
+        inference=cfg.as_plain_dict(S.inference),
+    threads: 1
+    log:
+        f"{RESULTS}/logs/export_hf.log",
+    run:
+        from model import export as hf_export  # not a bare `export`: the name of the target rule below
+
+        hf_export.run(input.model, output[0], **params, log=log[0])
+
+
+rule lm_eval_docs:
+    """The validation documents as text (the tokens the workflow scores, decoded) for eval/'s lm-eval task."""
+    input:
+        val=rules.split.output.val,
+        code=source("model/export.py", "pipeline/tokenizer.py", "pipeline/gpt2.tiktoken", STAGE_IO),
+    output:
+        docs=f"{RESULTS}/lm_eval/val.jsonl",
+        manifest=f"{RESULTS}/lm_eval/manifest.json",
+    threads: 1
+    log:
+        f"{RESULTS}/logs/lm_eval_docs.log",
+    run:
+        from model import export as hf_export
+
+        hf_export.write_lm_eval_docs(input.val, output.docs, output.manifest, log=log[0])
+
+
+rule export:
+    """`snakemake --cores N export`: the Hugging Face folder and the documents of eval/pile_gpt2_val.yaml."""
+    input:
+        rules.export_hf.output[0],
+        rules.lm_eval_docs.output.docs,

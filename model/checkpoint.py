@@ -102,6 +102,38 @@ def load_model(path, map_location="cpu", expected_arch: Architecture | None = No
     return model, arch, meta
 
 
+def load_gpt(source, map_location="cpu", expected_arch: Architecture | None = None):
+    """(GPT in eval mode, its Architecture, meta) from any model this project can use:
+
+        a model file or training checkpoint (.pt)       load_model
+        a Hugging Face GPT-2 folder (config.json +      model/hf.py: OpenAI's gpt2 ... gpt2-xl or one exported
+          model.safetensors)                            here (`python -m model.export`)
+        a hub id ("gpt2", "openai-community/gpt2")      that folder in the local Hugging Face cache, if there;
+                                                        nothing is ever downloaded
+
+    expected_arch: ModelFileError naming both architectures when the model's differs. meta["format"] says
+    which kind it was ("huggingface" or this project's MODEL_FORMAT / CHECKPOINT_FORMAT).
+    """
+    from model import hf
+
+    path = Path(source)
+    cached = None if path.exists() else hf.hub_cache_folder(str(source))
+    if path.is_dir() or cached is not None:
+        folder = path if cached is None else cached
+        if not hf.is_hf_folder(folder):
+            raise ModelFileError(f"{folder}: a folder without config.json, so not a Hugging Face model folder")
+        model, arch, meta = hf.load_hf_folder(folder, map_location)
+        if cached is not None:
+            meta["hub_id"] = str(source)
+    elif not path.exists() and hf.could_be_hub_id(str(source)):
+        raise ModelFileError(f"{path}: no such file or folder, nor a Hugging Face hub id in the local cache "
+                             f"(nothing is downloaded here; fetch it once with `hf download {source}`)")
+    else:
+        return load_model(path, map_location, expected_arch)
+    check_architecture(arch, expected_arch, meta["path"])
+    return model, arch, meta
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training checkpoints: a .pt and its .json sidecar (sha256), the last `keep` of them kept per run folder.
 

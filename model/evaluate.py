@@ -3,16 +3,26 @@ document-averaged perplexity, overall and per Pile subset.
 
     python -m model.evaluate --model checkpoints/final.pt            # [val] results_dir/perplexity.{json,md}
     python -m model.evaluate --model checkpoints/run-x/step_00001000.pt --out results/step1000
+    python -m model.evaluate --model results/hf --out results/hf-eval    # a Hugging Face GPT-2 folder
 
 For every validation document of L tokens (t_0 = <|endoftext|>, t_1 ... t_{L-1}), position i predicts
 t_{i+1}, and the last position predicts <|endoftext|>, as in training. Positions i < start
-(`start_predicting_from_what_token`) are context only. Per document we keep sums, never means, so per-subset
-figures add up exactly to the overall ones:
+(`start_predicting_from_what_token`) are context only. The two kinds of figure score different positions:
 
-    tokens     L - start                              predicted tokens
-    nll        sum of -ln p(target)                   nats
+    token-weighted (perplexity, mean_loss, bits_per_byte)   positions start ... L-1: every target the training
+                                                            loss sees, the final <|endoftext|> included
+    document_averaged_perplexity                            positions start ... L-2: the original ppl.py's,
+                                                            which never scores the final <|endoftext|> target
+
+After a cut at max_len_words or max_len_tokens that final target sits mid-sentence: a hard prediction, which
+the original did not score. Per document we keep sums, never means, so per-subset figures add up
+exactly to the overall ones:
+
+    tokens     L - start                              predicted tokens (token-weighted figures)
+    nll        sum of -ln p(target)                   nats, over the same positions
     bytes      UTF-8 bytes of the predicted targets   see BYTES_NOTE
-    log2_mean  nll / tokens / ln 2                    the document's mean -log2 p (for the seed's figure)
+    log2_mean  sum over positions start ... L-2 of    the document's mean -log2 p at the original's positions
+               -ln p / (L - 1 - start) / ln 2
 
     perplexity                      exp(sum nll / sum tokens)           (mean_loss = sum nll / sum tokens)
     bits_per_byte                   sum nll / ln 2 / sum bytes
@@ -51,9 +61,16 @@ DEFINITIONS = {
     "perplexity": "exp(sum NLL / sum predicted tokens): token-weighted, natural log",
     "mean_loss": "sum NLL / sum predicted tokens, in nats (the training loss)",
     "bits_per_byte": "sum NLL / ln 2 / sum bytes of the predicted tokens (comparable across tokenizers)",
-    "document_averaged_perplexity": "2 ** (mean over documents of the document's mean -log2 p): the original "
-                                    "project's figure (its 19.35); short documents weigh as much as long ones",
-    "position_i_predicts": "token i+1; the last position predicts <|endoftext|>",
+    "document_averaged_perplexity": "2 ** (mean over documents of the document's mean -log2 p over positions "
+                                    "start ... L-2): the original project's figure (its 19.35) at the original "
+                                    "ppl.py's positions, never the final <|endoftext|> target; short documents "
+                                    "weigh as much as long ones",
+    "position_i_predicts": "token i+1; the last position (L-1) predicts <|endoftext|>",
+    "positions_scored": "perplexity, mean_loss and bits_per_byte score positions start ... L-1 of each document "
+                        "of L tokens (the final <|endoftext|> target included, as the training loss does); "
+                        "document_averaged_perplexity scores start ... L-2 (the original's positions)",
+    "documents_averaged": "documents in document_averaged_perplexity: those with at least one position in "
+                          "start ... L-2",
     "untrained": "a freshly initialised model of the same architecture (seed 0), on every k-th batch of the "
                  "split (about 16k tokens; its documents and tokens are counted in its figures)",
 }
@@ -94,7 +111,8 @@ def token_nll(model, tokens: np.ndarray, device: torch.device, dtype: str = "flo
 
 
 def document_sums(nll: np.ndarray, tokens: np.ndarray, start: int) -> dict[str, np.ndarray]:
-    """Per document of a batch: predicted tokens, sum NLL (nats) and bytes of the predicted targets."""
+    """Per document of a batch: predicted tokens, sum NLL (nats) and bytes of the predicted targets at positions
+    start ... L-1; and tokens and sum NLL at the original's positions start ... L-2 (no final <|endoftext|>)."""
     n, L = tokens.shape
     lengths = token_byte_lengths()
     predicted = max(L - start, 0)
@@ -103,19 +121,26 @@ def document_sums(nll: np.ndarray, tokens: np.ndarray, start: int) -> dict[str, 
         "tokens": np.full(n, predicted, dtype=np.int64),
         "nll": nll[:, start:].sum(axis=1),
         "bytes": lengths[targets].sum(axis=1).astype(np.int64) if predicted else np.zeros(n, np.int64),
+        "averaged_tokens": np.full(n, max(L - 1 - start, 0), dtype=np.int64),
+        "averaged_nll": nll[:, start:L - 1].sum(axis=1),
     }
 
 
 class Tally:
     """Sums over documents; figures() turns them into the reported numbers. Tallies add up (+)."""
 
-    FIELDS = ("documents", "documents_skipped", "tokens", "nll", "bytes", "documents_bytes", "log2_mean_sum")
+    FIELDS = ("documents", "documents_skipped", "tokens", "nll", "bytes", "documents_bytes", "documents_averaged",
+              "log2_mean_sum")
 
     def __init__(self):
         self.documents = self.documents_skipped = self.tokens = self.bytes = self.documents_bytes = 0
+        self.documents_averaged = 0
         self.nll = self.log2_mean_sum = 0.0
 
-    def add(self, tokens: int, nll: float, n_bytes: int, documents_bytes: int) -> None:
+    def add(self, tokens: int, nll: float, n_bytes: int, documents_bytes: int,
+            averaged_tokens: int | None = None, averaged_nll: float | None = None) -> None:
+        """One document: tokens, nll and n_bytes at positions start ... L-1; averaged_tokens and averaged_nll at
+        the original's positions start ... L-2 (for the document average; default: the same as tokens, nll)."""
         tokens, nll = int(tokens), float(nll)
         if tokens == 0:  # a document no longer than start: nothing to predict
             self.documents_skipped += 1
@@ -125,7 +150,11 @@ class Tally:
         self.nll += float(nll)
         self.bytes += int(n_bytes)
         self.documents_bytes += int(documents_bytes)
-        self.log2_mean_sum += float(nll) / tokens / math.log(2)
+        averaged_tokens = tokens if averaged_tokens is None else int(averaged_tokens)
+        averaged_nll = nll if averaged_nll is None else float(averaged_nll)
+        if averaged_tokens > 0:  # only the final <|endoftext|> after start: nothing at the original's positions
+            self.documents_averaged += 1
+            self.log2_mean_sum += averaged_nll / averaged_tokens / math.log(2)
 
     def __add__(self, other: Tally) -> Tally:
         out = Tally()
@@ -134,11 +163,12 @@ class Tally:
         return out
 
     def figures(self) -> dict:
-        t, b, d = self.tokens, self.bytes, self.documents
+        t, b, d = self.tokens, self.bytes, self.documents_averaged
         mean_loss = self.nll / t if t else float("nan")
         return {
-            "documents": d,
+            "documents": self.documents,
             "documents_skipped_too_short": self.documents_skipped,
+            "documents_averaged": d,
             "tokens": t,
             "bytes": b,
             "documents_bytes": self.documents_bytes,
@@ -173,7 +203,8 @@ def evaluate_model(model, val_shard: str | Path, start: int, device: torch.devic
             for j in range(n):
                 name = PILE_SET_NAMES[int(batch.pile_set[j])]
                 tallies.setdefault(name, Tally()).add(sums["tokens"][j], sums["nll"][j], sums["bytes"][j],
-                                                      batch.n_bytes[j])
+                                                      batch.n_bytes[j], sums["averaged_tokens"][j],
+                                                      sums["averaged_nll"][j])
             bar.update(n * L)
     return tallies
 
@@ -193,6 +224,14 @@ def results(tallies: dict[str, Tally], untrained: dict[str, Tally] | None = None
         out["untrained"] = {"overall": overall(untrained).figures(),
                             "per_subset": {k: untrained[k].figures() for k in order if k in untrained}}
     return out
+
+
+def positions_note(start: int) -> str:
+    """Which positions each figure scores, in words, for perplexity.md."""
+    return (f"Mean loss, perplexity and bits per byte score positions {start} ... L-1 of each document of L tokens: "
+            f"the final `<|endoftext|>` target is included, as in training. The document-averaged perplexity "
+            f"scores positions {start} ... L-2, the original project's (its `ppl.py` never scores the final "
+            f"`<|endoftext|>`).")
 
 
 def markdown_table(res: dict) -> str:
@@ -225,7 +264,10 @@ def untrained_model(arch, init_std: float = 0.02, seed: int = 0):
 
 
 def _init_std(meta: dict) -> float:
-    """The run's [train] init_std if the model file records it, else GPT-2's 0.02."""
+    """The run's [train] init_std if the model file records it (a Hugging Face config's initializer_range),
+    else GPT-2's 0.02."""
+    if isinstance(meta.get("hf_config"), dict) and "initializer_range" in meta["hf_config"]:
+        return float(meta["hf_config"]["initializer_range"])
     for key in ("train", "settings", "config"):
         section = meta.get(key)
         if isinstance(section, dict):
@@ -238,7 +280,7 @@ def _init_std(meta: dict) -> float:
 def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_token: int, device: str = "auto",
         dtype: str = "auto", threads: int = 0, log=None, *, expected_arch=None, untrained_baseline: bool = True):
     """Evaluate model_path on val_shard; write perplexity.json and the Markdown table; print the table."""
-    from model.checkpoint import load_model
+    from model.checkpoint import load_gpt
 
     set_threads(threads)
     dev = resolve_device(device)
@@ -246,7 +288,7 @@ def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_t
     with log_file(log) as logfh:
         precision = resolve_precision(dtype, dev)
         dtype = precision.dtype
-        model, arch, meta = load_model(model_path, map_location=dev, expected_arch=expected_arch)
+        model, arch, meta = load_gpt(model_path, map_location=dev, expected_arch=expected_arch)
         model.to(dev)
         context = arch.positional_encoding_max_pos
         print(f"{model_path}: {sum(p.numel() for p in model.parameters()):,} parameters, {arch}; "
@@ -287,8 +329,8 @@ def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_t
             skipped = (f", {total.documents_skipped:,} with no position from {start} on left out"
                        if total.documents_skipped else "")
             tmp.write_text(f"Validation perplexity of `{model_path}` on `{val_shard}` "
-                           f"({total.documents:,} documents{skipped}; positions from {start} on).\n\n{table}",
-                           encoding="utf-8")
+                           f"({total.documents:,} documents{skipped}; positions from {start} on).\n\n"
+                           f"{positions_note(start)}\n\n{table}", encoding="utf-8")
         if logfh is not sys.stderr:
             print(table, file=logfh)
     print(f"\nValidation perplexity ({model_path}, {total.documents:,} documents, positions from {start} on):\n")
@@ -301,7 +343,8 @@ def main(argv=None) -> int:
     from pipeline.config import ConfigError, load_settings
 
     p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model file: final.pt or any training checkpoint "
+    p.add_argument("--model", help="model file: final.pt or any training checkpoint, or a Hugging Face GPT-2 "
+                                    "folder or hub id in the local cache (its architecture is its own) "
                                     "(default: [train] folder_to_save_state_dicts/final.pt)")
     p.add_argument("--val", help="validation shard (default: [preprocessing] path_to_store_preprocessed_data"
                                  "/split/val.arrow)")
@@ -321,7 +364,9 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else s.val.results_dir
         run(model, val, out / "perplexity.json", out / "perplexity.md", s.train.start_predicting_from_what_token,
             args.device or s.train.device, args.dtype or s.train.dtype, args.threads, log=None,
-            expected_arch=s.architecture, untrained_baseline=not args.no_untrained)
+            # a model file of this project must match [architecture] (a wrong --ini is the usual cause); a
+            # Hugging Face folder brings its own architecture in config.json
+            expected_arch=s.architecture if model.is_file() else None, untrained_baseline=not args.no_untrained)
     except (ConfigError, ModelFileError, ValueError, OSError) as e:
         hint = ("; give the --ini of the run that trained it" if "another architecture" in str(e) else "")
         print(f"error: {e}{hint}", file=sys.stderr)

@@ -248,12 +248,13 @@ FLAGS = {  # command-line flag -> [inference] key
 
 
 def main(argv=None) -> int:
-    from model.checkpoint import ModelFileError, load_model
+    from model.checkpoint import ModelFileError, load_gpt
     from pipeline.config import ConfigError, load_settings
 
     p = argparse.ArgumentParser(prog="python -m model.generate", description="Continue prompts with a trained GPT.")
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for several)")
-    p.add_argument("--model", help="model file (default: [train] folder_to_save_state_dicts/final.pt)")
+    p.add_argument("--model", help="model file, Hugging Face GPT-2 folder or hub id in the local cache "
+                                    "(default: [train] folder_to_save_state_dicts/final.pt)")
     p.add_argument("--ini", default="config.ini", help="config file (default: config.ini)")
     p.add_argument("--tokens", type=int, help="[inference] how_many_tokens_to_generate")
     p.add_argument("--method", help="[inference] inference_method: greedy_search | beam_search | sampling")
@@ -281,7 +282,9 @@ def main(argv=None) -> int:
         device = resolve_device(args.device or s.train.device)
         dtype = resolve_precision(args.dtype or s.train.dtype, device).dtype
         path = Path(args.model) if args.model else s.train.folder_to_save_state_dicts / "final.pt"
-        model, arch, _ = load_model(path, map_location=device, expected_arch=s.architecture)
+        # a Hugging Face folder (or hub id in the local cache) brings its own architecture in config.json
+        model, arch, _ = load_gpt(path, map_location=device,
+                                  expected_arch=s.architecture if path.is_file() else None)
         model.to(device)
         with warnings.catch_warnings():
             warnings.simplefilter("always")

@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
 def plain_loop(model, val, start):
     """The figures by hand: one document at a time, one position at a time."""
     lengths = token_byte_lengths()
-    per_doc = []  # (subset, predicted tokens, nll nats, bytes)
+    per_doc = []  # (subset, predicted tokens, nll nats, bytes, nll nats at the original's positions)
     for batch in ShardReader(val):
         for j in range(batch.n_docs):
             doc = torch.from_numpy(batch.tokens[j].astype(np.int64))
@@ -49,7 +49,9 @@ def plain_loop(model, val, start):
                 nll -= logp[i, target].item()
                 n_bytes += int(lengths[target])
                 n += 1
-            per_doc.append((PILE_SET_NAMES[batch.pile_set[j]], n, nll, n_bytes))
+            # the original ppl.py: positions start ... L-2, never the last one (whose target is <|endoftext|>)
+            original = -sum(logp[i, int(doc[i + 1])].item() for i in range(start, len(doc) - 1))
+            per_doc.append((PILE_SET_NAMES[batch.pile_set[j]], n, nll, n_bytes, original))
     return per_doc
 
 
@@ -59,7 +61,7 @@ def figures(docs):
     return {"documents": len(docs), "tokens": tokens, "bytes": sum(d[3] for d in docs),
             "mean_loss": nll / tokens, "perplexity": math.exp(nll / tokens),
             "bits_per_byte": nll / math.log(2) / sum(d[3] for d in docs),
-            "document_averaged_perplexity": 2 ** np.mean([d[2] / d[1] / math.log(2) for d in docs])}
+            "document_averaged_perplexity": 2 ** np.mean([d[4] / (d[1] - 1) / math.log(2) for d in docs])}
 
 
 def assert_figures_equal(got, want):
@@ -79,6 +81,37 @@ def test_figures_equal_a_plain_loop_over_documents(setup):
     assert set(doc["per_subset"]) == {d[0] for d in per_doc}
     assert doc["overall"]["documents"] == sum(ShardReader(val).n_docs())
     assert json_on_disk(folder) == doc
+
+
+def test_document_average_scores_the_original_positions_by_hand():
+    """Two documents of L = 6 with start = 2, their -log2 p per position written out: the original's positions
+    2 ... 4 give means 2 and 4 bits, so 2 ** 3 = 8; position 5 (the final <|endoftext|> target, 100 bits
+    here) counts in the token-weighted figures only."""
+    bits = np.array([[9, 9, 1, 2, 3, 100],
+                     [9, 9, 4, 4, 4, 100]], dtype=np.float64)
+    tokens = np.full((2, 6), 11, dtype=np.uint16)
+    tokens[:, 0] = EOT
+    sums = evaluate.document_sums(bits * math.log(2), tokens, start=2)
+    tally = evaluate.Tally()
+    for j in range(2):
+        tally.add(sums["tokens"][j], sums["nll"][j], sums["bytes"][j], 0, sums["averaged_tokens"][j],
+                  sums["averaged_nll"][j])
+    f = tally.figures()
+    assert list(sums["averaged_tokens"]) == [3, 3] and list(sums["tokens"]) == [4, 4]
+    assert f["document_averaged_perplexity"] == pytest.approx(8.0, rel=1e-12)
+    assert f["mean_loss"] == pytest.approx((6 + 100 + 12 + 100) / 8 * math.log(2), rel=1e-12)
+    assert f["documents"] == f["documents_averaged"] == 2
+
+
+def test_a_document_with_only_the_final_target_after_start_is_left_out_of_the_document_average():
+    tokens = np.array([[EOT, 11, 12]], dtype=np.uint16)  # L = 3, start = 2: only position 2, the final target
+    sums = evaluate.document_sums(np.array([[5.0, 5.0, 7.0]]), tokens, start=2)
+    tally = evaluate.Tally()
+    tally.add(sums["tokens"][0], sums["nll"][0], sums["bytes"][0], 0, sums["averaged_tokens"][0],
+              sums["averaged_nll"][0])
+    f = tally.figures()
+    assert f["documents"] == 1 and f["tokens"] == 1 and f["mean_loss"] == 7.0
+    assert f["documents_averaged"] == 0 and math.isnan(f["document_averaged_perplexity"])
 
 
 def json_on_disk(folder):
@@ -116,6 +149,8 @@ def test_table_is_written_and_printed(setup, capsys):
         assert f"| {name} |" in table
     assert f"{doc['overall']['perplexity']:,.2f}" in table
     assert "bits_per_byte" in doc["definitions"] and "bytes" in doc["definitions"]
+    assert "start ... L-2" in doc["definitions"]["document_averaged_perplexity"]
+    assert f"positions {START} ... L-1" in table and f"positions {START} ... L-2" in table
     assert doc["start_predicting_from_what_token"] == START and doc["model_step"] == 7
 
 
