@@ -38,7 +38,9 @@ def source(*names):
 STAGE_IO = "pipeline/io.py"
 MODEL_CODE = source("model/gpt.py", "model/checkpoint.py", "model/device.py")
 TRAIN_CODE = source("model/train.py", "model/loss.py", "model/data.py", "model/optim.py", "model/run.py",
-                    "model/signals.py")
+                    "model/signals.py", "model/hf.py")
+# [train] init_from's weights, when they are local files: replacing them reruns training
+INIT_FROM = [S.train.init_from] if S.train.init_from and os.path.exists(S.train.init_from) else []
 
 wildcard_constraints:
     chunk="|".join(re.escape(c) for c in CHUNKS),
@@ -146,6 +148,7 @@ rule train:
     input:
         train=rules.split.output.train,
         val=rules.split.output.val,
+        init_from=INIT_FROM,
         code=MODEL_CODE + TRAIN_CODE,
     output:
         f"{CKPT}/final.pt",

@@ -28,7 +28,7 @@ def main(results_dir: str) -> None:
     lm = doc["results"]["pile_gpt2_val"]
     limit = (doc.get("config") or {}).get("limit")
     overall, start = ours["overall"], ours["start_predicting_from_what_token"]
-    print(f"| figure | positions scored (document of L tokens, t_0 = <\\|endoftext\\|>) | value |")
+    print("| figure | positions scored (document of L tokens, t_0 = <\\|endoftext\\|>) | value |")
     print("|---|---|---:|")
     print(f"| workflow perplexity (token-weighted) | {start} ... L-1, final <\\|endoftext\\|> included "
           f"| {overall['perplexity']:,.2f} |")

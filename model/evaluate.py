@@ -254,27 +254,28 @@ def markdown_table(res: dict) -> str:
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
 
-def untrained_model(arch, init_std: float = 0.02, seed: int = 0):
+def untrained_model(arch, init_std: float = 0.02, scale_residual_init: bool = True, seed: int = 0):
     """A freshly initialised model of the architecture (the 'before training' baseline), seeded."""
     from model.gpt import GPT
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT(arch, init_std=init_std)
+        return GPT(arch, init_std=init_std, scale_residual_init=scale_residual_init)
 
 
-def _init_std(meta: dict) -> float:
-    """The run's [train] init_std if the model file records it (a Hugging Face config's initializer_range),
-    else GPT-2's 0.02."""
+def _init_settings(meta: dict) -> dict:
+    """The run's [train] init_std and scale_residual_init if the model file records them (a Hugging Face
+    config's initializer_range), else GPT-2's: 0.02, scaled residual projections."""
+    found = {"init_std": 0.02, "scale_residual_init": True}
     if isinstance(meta.get("hf_config"), dict) and "initializer_range" in meta["hf_config"]:
-        return float(meta["hf_config"]["initializer_range"])
+        found["init_std"] = float(meta["hf_config"]["initializer_range"])
     for key in ("train", "settings", "config"):
         section = meta.get(key)
         if isinstance(section, dict):
             section = section.get("train", section)
-            if isinstance(section, dict) and "init_std" in section:
-                return float(section["init_std"])
-    return 0.02
+            if isinstance(section, dict):
+                found.update({k: type(found[k])(section[k]) for k in found if k in section})
+    return found
 
 
 def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_token: int, device: str = "auto",
@@ -305,7 +306,7 @@ def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_t
             # batches (whole batches, spread over the split) shows it at a fraction of the cost.
             reader = ShardReader(val_shard)
             every = max(1, math.ceil(int((reader.seq_lens() * reader.n_docs()).sum()) / UNTRAINED_TOKENS))
-            fresh = untrained_model(arch, init_std=_init_std(meta)).to(dev)
+            fresh = untrained_model(arch, **_init_settings(meta)).to(dev)
             untrained = evaluate_model(fresh, val_shard, start, dev, dtype, logfh, desc="untrained", context=context,
                                        every=every)
             del fresh

@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from pipeline.config import Settings, as_plain_dict
+from model.checkpoint import ModelFileError
 from pipeline.io import sha256_file, tmp_path
 
 # [train] keys that do not change the trained weights: editing them resumes the same run.
@@ -27,8 +28,28 @@ OPERATIONAL_KEYS = ("folder_to_save_state_dicts", "keep_checkpoints", "checkpoin
 
 def run_fingerprint(settings: Settings, train_manifest) -> dict:
     train = {k: v for k, v in as_plain_dict(settings.train).items() if k not in OPERATIONAL_KEYS}
-    return {"train": train, "architecture": as_plain_dict(settings.architecture),
-            "train_split_sha256": sha256_file(train_manifest)}
+    fp = {"train": train, "architecture": as_plain_dict(settings.architecture),
+          "train_split_sha256": sha256_file(train_manifest)}
+    if settings.train.init_from:  # other weights under the same name are another run
+        fp["init_from_sha256"] = {f.name: sha256_file(f) for f in init_from_files(settings.train.init_from)}
+    return fp
+
+
+def init_from_files(source: str) -> list[Path]:
+    """The files that hold [train] init_from's weights (a .pt; a folder's config.json and *.safetensors)."""
+    from model import hf
+
+    path = Path(source)
+    folder = path if path.is_dir() else (None if path.exists() else hf.hub_cache_folder(source))
+    if folder is None:
+        if not path.is_file():
+            raise ModelFileError(f"[train] init_from = {source}: no such file or folder, nor a Hugging Face hub id "
+                                 f"in the local cache (nothing is downloaded)")
+        return [path]
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    if not all(f.is_file() for f in files) or len(files) < 2:
+        raise ModelFileError(f"[train] init_from = {source}: {folder} holds no config.json and model.safetensors")
+    return files
 
 
 def run_dir_for(settings: Settings, train_manifest) -> tuple[Path, dict]:

@@ -36,7 +36,7 @@ from pipeline.config import Settings, as_plain_dict, load_settings
 from pipeline.io import progress, write_json
 from pipeline.shards import ShardReader
 
-from model.checkpoint import latest_checkpoint, save_checkpoint, save_model
+from model.checkpoint import ModelFileError, latest_checkpoint, load_gpt, save_checkpoint, save_model
 from model.data import TrainData, batch_order, chunk_order, step_groups
 from model.device import Dist, Precision, autocast, gather_rng, resolve_device, resolve_precision, restore_rng
 from model.gpt import GPT
@@ -160,6 +160,14 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         warnings.warn(w.message, stacklevel=2)
     step, batches, tokens_seen, elapsed = 0, 0, 0, 0.0
     cursor = {"epoch": 0, "chunk": 0, "batch": 0}
+    if state is None and t.init_from:
+        try:
+            init, _, _ = load_gpt(t.init_from, "cpu", expected_arch=arch)
+        except ModelFileError as e:
+            raise ModelFileError(f"[train] init_from: {e}") from None
+        gpt.load_state_dict(init.state_dict())
+        del init
+        say(f"initial weights from {t.init_from}")
     if state is not None:
         gpt.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -115,6 +115,9 @@ class Train:
     grad_clip: float = _key("clip the global gradient norm to this (0 = off)", default=1.0)
     tokens_per_optimizer_step: int = _key("accumulate gradients over batches up to this many tokens (0 = one batch)",
                                           default=0)
+    init_from: str = _key("start from these weights instead of a random init: a model file or checkpoint (.pt), "
+                          "a Hugging Face GPT-2 folder, or a hub id already in the local Hugging Face cache; its "
+                          "architecture must equal [architecture] (empty: from scratch)", default="")
     device: str = _key("auto | cpu | cuda | cuda:N", default="auto")
     dtype: str = _key("auto | float32 | bfloat16 | float16: auto is bfloat16 where the device runs it natively "
                       "(CUDA with bf16, a CPU with AVX512-BF16/AMX or Arm BF16), float32 elsewhere; bfloat16 and "

@@ -98,7 +98,7 @@ def test_sigkill_of_snakemake_during_training_then_unlock_and_rerun_resumes_to_t
     proc.wait()
     assert not final.exists()
     snakemake(main_job, "--unlock")
-    out = snakemake(main_job, "train")
+    snakemake(main_job, "train")
     log = (main_job / "checkpoints" / "logs" / "train.log").read_text()
     assert "resum" in log.lower(), log[-2000:]
     assert weights_sha256(final) == reference

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model import data as D, loss as L, optim as O, run as R, train as T
-from model.checkpoint import ModelFileError, latest_checkpoint, list_checkpoints, load_model
+from model.checkpoint import ModelFileError, latest_checkpoint, list_checkpoints, load_model, save_model
 from model.gpt import GPT
 from pipeline.config import EOT, Architecture, Train, load_settings
 from tests.synthetic import make_split, write_tiny_ini
@@ -383,3 +383,41 @@ def test_one_and_two_processes_follow_the_same_learning_rate_over_the_tokens_see
     t = load_settings(ini).train
     one_batch = max(abs(O.lr_at(b, t) - O.lr_at(b - 1, t)) for b in range(1, last_one["batches"] + 1))
     assert abs(last_two["lr"] - last_one["lr"]) <= one_batch  # the same final rate, within one batch's step
+
+
+# --- init_from ----------------------------------------------------------------------------------------
+
+def test_init_from_a_hugging_face_folder_starts_from_its_weights(tmp_path):
+    from model.export import export_model
+
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0, max_lr="1e-12")  # lr ~ 0: the weights barely move
+    arch = load_settings(ini).architecture
+    torch.manual_seed(123)
+    source = GPT(arch, init_std=0.1)
+    export_model(source, arch, tmp_path / "hf")
+    ini.write_text(ini.read_text().replace("[train]\n", f"[train]\ninit_from = {tmp_path / 'hf'}\n"))
+    final = tmp_path / "final.pt"
+    train_here(ini, train_json, val, final, log=tmp_path / "train.log")
+    trained, _, _ = load_model(final)
+    for name, w in source.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[name], w, atol=1e-6, rtol=0, msg=name)
+    assert f"initial weights from {tmp_path / 'hf'}" in (tmp_path / "train.log").read_text()
+    assert "init_from_sha256" in orjson.loads((run_dir_of(final) / "config.json").read_bytes())
+
+
+def test_init_from_another_architecture_is_an_error_naming_both(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    arch = load_settings(ini).architecture
+    other = Architecture(**{**{k: getattr(arch, k) for k in arch.__dataclass_fields__}, "N": arch.N + 1})
+    save_model(tmp_path / "other.pt", GPT(other), other)
+    ini.write_text(ini.read_text().replace("[train]\n", f"[train]\ninit_from = {tmp_path / 'other.pt'}\n"))
+    with pytest.raises(ModelFileError, match=rf"init_from.*N = {arch.N + 1}.*{arch.N}"):
+        train_here(ini, train_json, val, tmp_path / "final.pt")
+    assert not (tmp_path / "final.pt").exists()
+
+
+def test_init_from_a_missing_path_is_an_error_naming_the_key(tmp_path):
+    ini, train_json, val = setup_run(tmp_path, P_drop=0.0)
+    ini.write_text(ini.read_text().replace("[train]\n", f"[train]\ninit_from = {tmp_path / 'nowhere'}\n"))
+    with pytest.raises(ModelFileError, match=r"\[train\] init_from = .*nowhere"):
+        train_here(ini, train_json, val, tmp_path / "final.pt")
