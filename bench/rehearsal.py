@@ -8,8 +8,9 @@ proportions of the Pile paper's Table 1 (Gao et al. 2020, arXiv:2101.00027: each
 share of the released, epoch-weighted train set, and its mean document size). A real chunk holds
 1254.20 GiB / 30 = 44.9 GB of text; a rehearsal chunk holds `scale` of that: the number of documents is
 scaled, their lengths are not (lognormal around each subset's mean, sigma 1: the table gives means only).
-Texts are slices of the shipped sample corpus's real Pile documents (of the same subset where the sample has
-it), so filtering and tokenizing see real words. val is a chunk of the same mixture at 1/30 of a train
+Texts are slices of the shipped sample corpus (public-domain and permissively licensed text labelled with six
+of the subsets' names, see data/sample/README.md; the same label's text where the sample has it), so filtering
+and tokenizing see real prose and code, not the Pile's own. val is a chunk of the same mixture at 1/30 of a train
 chunk's size (the Pile config validates on chunk 29 and does not read it).
 
 The workflow runs with configs/pile-gpt2-small.ini, changed only where a rehearsal must: paths, the
@@ -71,7 +72,7 @@ STAGES = ("filter_chunk", "tokenize_chunk", "shard_chunk", "split", "train", "ev
 # The corpus
 
 def text_pools() -> dict[str, str]:
-    """Real Pile text per subset from the sample corpus; '' holds all of it, for the subsets it lacks."""
+    """The sample corpus's text per subset label; '' holds all of it, for the subsets it lacks."""
     by_subset: dict[str, list[str]] = {}
     for name in ("00.jsonl.zst", "01.jsonl.zst"):
         for _, line in iter_lines(ROOT / "data" / "sample" / name):
@@ -98,7 +99,10 @@ def write_chunk(path: Path, n_bytes: float, pools: dict[str, str], rng: np.rando
         for k, n in zip(subset.tolist(), lengths.tolist()):
             pool = pools.get(names[k], pools[""])
             start = int(rng.integers(0, len(pool)))
-            text = (pool[start:] + pool)[:n] if n <= len(pool) else (pool * (n // len(pool) + 1))[start:start + n]
+            if start + n <= len(pool):
+                text = pool[start:start + n]
+            else:  # wrap around (a document longer than the pool repeats it); copies only for these
+                text = (pool * ((start + n) // len(pool) + 1))[start:start + n]
             text_bytes += len(text)
             out.write(orjson.dumps({"text": text, "meta": {"pile_set_name": names[k]}}) + b"\n")
     os.replace(tmp, path)
