@@ -8,39 +8,97 @@ tokens_per_optimizer_step tokens (at least one batch per rank); under DDP they a
 
 from __future__ import annotations
 
+import resource
+from collections import OrderedDict
+from pathlib import Path
+
 import numpy as np
+import orjson
 
 from pipeline.shards import ShardReader, read_train_manifest
 
 
+def open_shards_budget() -> int:
+    """Shard files one process may keep open: a quarter of its open-file limit (`ulimit -n`), at most 256.
+
+    At the Pile config's tokens_per_shard a chunk has about 75 shards, so under the common limit of 1024 a
+    chunk's shards all stay open while it trains; under a lower limit the least recently used is closed and
+    reopened when needed again (about 1 ms for a shard of 3,000 batches, measured)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(2, min(256, soft // 4))
+
+
 class TrainData:
-    """The batches of every train chunk (memory-mapped shards), addressed per chunk as (shard, batch)."""
+    """The train split's batches, addressed per chunk as batch numbers 0 .. n-1 of that chunk.
 
-    def __init__(self, manifest_path):
-        self.chunks = read_train_manifest(manifest_path)
-        self.readers: dict[str, ShardReader] = {}
-        self.index = []      # per chunk: (n_batches, 2) array of (shard number, batch number in the shard)
-        self.shape = []      # per chunk: (n_batches, 2) array of (n_docs, seq_len)
-        for chunk in self.chunks:
-            idx, shp = [], []
-            for s, path in enumerate(chunk["shards"]):
+    Shards are opened when needed, never all at once: the totals come from the split's manifest, a chunk's
+    batch shapes (n_docs, seq_len) are read from its shards when training reaches it (one chunk's shapes in
+    memory), and at most `max_open` shard files are open, the least recently used closed first.
+    """
+
+    def __init__(self, manifest_path, max_open: int | None = None):
+        self.manifest_path = manifest_path
+        self.chunks = read_train_manifest(manifest_path)  # per chunk: 'shards' as absolute paths
+        listed = orjson.loads(Path(manifest_path).read_bytes())["chunks"]
+        self._batches = [[int(s["batches"]) for s in chunk["shards"]] for chunk in listed]
+        self._tokens = [int(chunk["tokens"]) for chunk in listed]
+        self.max_open = max_open or open_shards_budget()
+        self._readers: OrderedDict[str, ShardReader] = OrderedDict()
+        self._loaded: tuple[int, np.ndarray, np.ndarray] | None = None  # (chunk, shard starts, shapes)
+        self.shape = _PerChunk(lambda c: self._chunk(c)[1])  # data.shape[c]: (n_batches, 2) of (n_docs, seq_len)
+
+    def reader(self, path: str) -> ShardReader:
+        if path in self._readers:
+            self._readers.move_to_end(path)
+        else:
+            while len(self._readers) >= self.max_open:
+                self._readers.popitem(last=False)  # the last reference: Arrow closes the file and its map
+            self._readers[path] = ShardReader(path)
+        return self._readers[path]
+
+    def open_shards(self) -> int:
+        return len(self._readers)
+
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first batch number of each shard, shapes) of chunk c, read from its shards on the first call."""
+        if self._loaded is None or self._loaded[0] != c:
+            paths = self.chunks[c]["shards"]
+            for path in [p for p in self._readers if p not in paths]:
+                del self._readers[path]  # the previous chunk's shards
+            shapes = []
+            for path, listed in zip(paths, self._batches[c]):
                 r = self.reader(path)
-                idx.append(np.stack([np.full(len(r), s), np.arange(len(r))], 1))
-                shp.append(np.stack([r.n_docs(), r.seq_lens()], 1))
-            self.index.append(np.concatenate(idx) if idx else np.zeros((0, 2), np.int64))
-            self.shape.append(np.concatenate(shp).astype(np.int64) if shp else np.zeros((0, 2), np.int64))
-
-    def reader(self, path) -> ShardReader:
-        if path not in self.readers:
-            self.readers[path] = ShardReader(path)
-        return self.readers[path]
+                if len(r) != listed:
+                    raise ValueError(f"{path}: {len(r)} batches, but {self.manifest_path} lists {listed} (the shard "
+                                     f"was rewritten after the split; run the split stage again)")
+                shapes.append(np.stack([r.n_docs(), r.seq_lens()], 1).astype(np.int64))
+            starts = np.concatenate([[0], np.cumsum(self._batches[c], dtype=np.int64)])
+            shape = np.concatenate(shapes) if shapes else np.zeros((0, 2), np.int64)
+            self._loaded = (c, starts, shape)
+        return self._loaded[1], self._loaded[2]
 
     def tokens(self, chunk: int, b: int) -> np.ndarray:
-        s, j = self.index[chunk][b]
-        return self.reader(self.chunks[chunk]["shards"][s])[int(j)].tokens
+        starts, _ = self._chunk(chunk)
+        s = int(np.searchsorted(starts, b, side="right")) - 1
+        return self.reader(self.chunks[chunk]["shards"][s])[int(b - starts[s])].tokens
 
     def total_tokens(self) -> int:
-        return int(sum((s[:, 0] * s[:, 1]).sum() for s in self.shape))
+        return sum(self._tokens)
+
+    def total_batches(self) -> int:
+        return sum(map(sum, self._batches))
+
+
+class _PerChunk:
+    """data.shape[c] reads chunk c's shapes when first asked (and forgets the previous chunk's)."""
+
+    def __init__(self, get):
+        self._get = get
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        return self._get(int(c))
 
 
 def chunk_order(seed: int, epoch: int, n_chunks: int, shuffle: bool = False) -> np.ndarray:

@@ -7,8 +7,12 @@
 
 The run's metrics log is `metrics.jsonl` in the run folder that final.pt names (`run_dir`, relative to
 final.pt's folder): one JSON object per line, {"kind": "train", "step", "tokens", "loss", "lr", ...} per
-optimizer step and {"kind": "val", "step", "tokens", "val_loss"} per periodic validation. A resumed run may
-log a step twice; the last record of a step wins.
+optimizer step or per window of steps (model/run.py Metrics) and {"kind": "val", "step", "tokens",
+"val_loss"} per periodic validation. If a step is logged twice (logs of older versions, which kept the first
+attempt's records after a resume), the last record wins.
+
+The report's memory and plots do not grow with the run: the log is read once, from its end, and binned into
+at most BINS points per curve (the mean, least and largest value of each bin), whatever the number of steps.
 """
 
 from __future__ import annotations
@@ -45,31 +49,108 @@ def metrics_path(model_path: str | Path) -> Path:
     return path
 
 
-def read_metrics(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """{'train': {field: array}, 'val': {field: array}}, ordered by step, the last record of a step kept.
+BINS = 2000        # points per curve: a plot 8 inches wide at 110 dpi has ~900 pixels
+PENDING = 8192     # records parsed before they are binned together (numpy, not a Python loop per record)
+LAST = {"step", "batches", "tokens", "elapsed_s"}  # counters: a bin keeps its last record's value
 
-    A line cut short by a killed run (the last one) is skipped; any other bad line is an error naming it."""
+
+class Binned:
+    """Records of one kind, binned by step into at most `bins` equal step ranges; fed in decreasing step order.
+
+    The first record fed (the run's last step) fixes the bin width. Per bin and field: the mean, the least
+    and the largest value (`loss`, `loss_min`, `loss_max`), and for counters the last record's value."""
+
+    def __init__(self, bins: int):
+        self.bins, self.width = bins, 0
+        self.fields: list[str] = []
+        self.pending: list[list[float]] = []
+        self.sums = self.mins = self.maxs = self.lasts = self.counts = None
+
+    def add(self, rec: dict) -> None:
+        if self.width == 0:
+            self.width = max(1, math.ceil(int(rec["step"]) / self.bins))
+            self.fields = ["step"] + sorted(k for k in rec if k not in ("kind", "step"))
+            shape = (self.bins + 1, len(self.fields))
+            self.sums, self.counts = np.zeros(shape), np.zeros(shape)
+            self.mins, self.maxs = np.full(shape, np.inf), np.full(shape, -np.inf)
+            self.lasts = np.full(shape, np.nan)
+        self.pending.append([float(rec.get(f, np.nan)) for f in self.fields])
+        if len(self.pending) == PENDING:
+            self._bin()
+
+    def _bin(self) -> None:
+        if not self.pending:
+            return
+        v = np.array(self.pending)
+        self.pending = []
+        b = np.minimum(np.ceil(v[:, 0] / self.width).astype(np.int64), self.bins)  # step 0 is a bin of its own
+        ok = ~np.isnan(v)
+        np.add.at(self.sums, b, np.where(ok, v, 0.0))
+        np.add.at(self.counts, b, ok)
+        np.minimum.at(self.mins, b, np.where(ok, v, np.inf))
+        np.maximum.at(self.maxs, b, np.where(ok, v, -np.inf))
+        first = np.unique(b, return_index=True)[1]  # decreasing steps: a bin's first record is its last step
+        fresh = np.isnan(self.lasts[b[first], 0])
+        self.lasts[b[first][fresh]] = v[first][fresh]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        self._bin()
+        if self.width == 0:
+            return {}
+        used = self.counts[:, 0] > 0
+        out = {"records": self.counts[used, 0]}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for i, f in enumerate(self.fields):
+                if f in LAST:
+                    out[f] = self.lasts[used, i]
+                else:
+                    n = self.counts[used, i]
+                    out[f] = np.where(n > 0, self.sums[used, i] / n, np.nan)
+                    out[f + "_min"] = np.where(n > 0, self.mins[used, i], np.nan)
+                    out[f + "_max"] = np.where(n > 0, self.maxs[used, i], np.nan)
+        return out
+
+
+def read_metrics(path: str | Path, bins: int = BINS) -> dict[str, dict[str, np.ndarray]]:
+    """{'train': {field: array}, 'val': {field: array}}, binned by step (at most `bins` points each, see
+    Binned), in step order; 'records' counts the records in each bin.
+
+    Read from the end: the last record of a step wins (an earlier one with a step not below a later one's is a
+    replaced attempt), and memory is the bins, not the log. A line cut short by a killed run (the last one)
+    is skipped; any other bad line is an error naming it."""
+    from model.run import lines_backwards
+
     path = Path(path)
-    records: dict[str, dict[int, dict]] = {"train": {}, "val": {}}
-    lines = path.read_bytes().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            if number == len(lines):
+    binned = {"train": Binned(bins), "val": Binned(bins)}
+    below = {"train": math.inf, "val": math.inf}  # a record counts if its step is below every later one's
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        for offset, line in lines_backwards(fh):
+            if not line.strip():
                 continue
-            raise ValueError(f"{path}:{number}: not a JSON object") from None
-        kind = rec.get("kind")
-        if kind in records and "step" in rec:
-            records[kind][int(rec["step"])] = rec
-    out = {}
-    for kind, by_step in records.items():
-        steps = sorted(by_step)
-        fields = sorted({k for r in by_step.values() for k in r if k != "kind"})
-        out[kind] = {f: np.array([by_step[s].get(f, np.nan) for s in steps], dtype=np.float64) for f in fields}
-    return out
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                if offset + len(line) == size:
+                    continue  # the last line, cut short by a kill
+                number = _line_number(fh, offset)
+                raise ValueError(f"{path}:{number}: not a JSON object") from None
+            kind = rec.get("kind")
+            if kind in binned and "step" in rec and rec["step"] < below[kind]:
+                below[kind] = rec["step"]
+                binned[kind].add(rec)
+    return {kind: b.arrays() for kind, b in binned.items()}
+
+
+def _line_number(fh, offset: int) -> int:
+    """1 + the newlines before `offset` (only for an error message: read in blocks, not all at once)."""
+    fh.seek(0)
+    count, left = 0, offset
+    while left > 0:
+        block = fh.read(min(left, 1 << 20))
+        count += block.count(b"\n")
+        left -= len(block)
+    return count + 1
 
 
 def smooth(y: np.ndarray, span: int) -> np.ndarray:
@@ -84,8 +165,14 @@ def smooth(y: np.ndarray, span: int) -> np.ndarray:
     return (csum[hi] - csum[lo]) / (hi - lo)
 
 
-def _span(n: int) -> int:
-    return max(1, min(200, n // 20))
+def steps_per_point(steps: np.ndarray) -> int:
+    """The typical number of optimizer steps behind one point of a binned curve."""
+    return int(np.median(np.diff(steps, prepend=0))) if len(steps) else 1
+
+
+def _span(n: int, per_point: int = 1) -> int:
+    """Points of the moving average: up to 200 of single steps, fewer of binned points (already means)."""
+    return max(1, min(200, n // 20)) if per_point == 1 else max(1, n // 200)
 
 
 def _save(fig, path) -> None:
@@ -99,12 +186,19 @@ def plot_training(metrics: dict, perplexity: dict | None, path) -> None:
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     if "tokens" in train and len(train["tokens"]):
         x, loss = train["tokens"], train["loss"]
-        ax.plot(x, loss, color="tab:blue", alpha=0.25, lw=0.8, label="training loss (per step)")
-        ax.plot(x, smooth(loss, _span(len(loss))), color="tab:blue", lw=1.8,
-                label=f"training loss (centred moving average, {_span(len(loss))} steps)")
+        per_point = steps_per_point(train["step"])
+        if per_point > 1:  # the least and largest loss of each point's steps (or records), and their mean
+            ax.fill_between(x, train["loss_min"], train["loss_max"], color="tab:blue", alpha=0.15, lw=0,
+                            label=f"training loss: range of each point's ~{per_point:,} steps")
+        ax.plot(x, loss, color="tab:blue", alpha=0.35, lw=0.8,
+                label="training loss (per step)" if per_point == 1 else "training loss (mean of each point's steps)")
+        span = _span(len(loss), per_point)
+        ax.plot(x, smooth(loss, span), color="tab:blue", lw=1.8,
+                label=f"training loss (centred moving average, {span} points)")
         ax_lr.plot(x, train["lr"], color="tab:green", lw=1.5)
     if "tokens" in val and len(val["tokens"]):
-        ax.plot(val["tokens"], val["val_loss"], "o-", color="tab:orange", ms=4, lw=1.5,
+        ax.plot(val["tokens"], val["val_loss"], "o-" if len(val["tokens"]) <= 60 else "-", color="tab:orange", ms=4,
+                lw=1.5,
                 label="validation loss (periodic, part of the val split)")
     if perplexity is not None and "tokens" in train and len(train["tokens"]):
         f = perplexity["overall"]
@@ -128,8 +222,10 @@ def plot_throughput(metrics: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.8))
     if "tokens_per_s" in train and len(train["tokens_per_s"]):
         x, y = train["tokens"], train["tokens_per_s"]
-        ax.plot(x, y, color="tab:purple", alpha=0.3, lw=0.8, label="per optimizer step")
-        ax.plot(x, smooth(y, _span(len(y))), color="tab:purple", lw=1.8, label="moving average")
+        per_point = steps_per_point(train["step"])
+        ax.plot(x, y, color="tab:purple", alpha=0.3, lw=0.8,
+                label="per optimizer step" if per_point == 1 else f"per point (~{per_point:,} steps)")
+        ax.plot(x, smooth(y, _span(len(y), per_point)), color="tab:purple", lw=1.8, label="moving average")
         med = float(np.nanmedian(y))
         ax.axhline(med, color="black", ls="--", lw=1, label=f"median {med:,.0f} tokens/s")
         if "elapsed_s" in train and len(train["elapsed_s"]):
@@ -177,8 +273,11 @@ def run(model_path, perplexity_json, training_png, throughput_png, perplexity_pn
         metrics_file = metrics_path(model_path)
         metrics = read_metrics(metrics_file)
         perplexity = read_json(perplexity_json)
-        print(f"{metrics_file}: {len(metrics['train'].get('step', []))} training steps, "
-              f"{len(metrics['val'].get('step', []))} validations", file=logfh)
+        train, val = metrics["train"], metrics["val"]
+        print(f"{metrics_file}: {int(train['step'][-1]) if train else 0} training steps in "
+              f"{int(train['records'].sum()) if train else 0} records, {int(val['records'].sum()) if val else 0} "
+              f"validations; plotted as {len(train.get('step', []))} and {len(val.get('step', []))} points",
+              file=logfh)
         plot_training(metrics, perplexity, training_png)
         plot_throughput(metrics, throughput_png)
         plot_perplexity(perplexity, perplexity_png)

@@ -42,7 +42,7 @@ from model.device import Dist, Precision, autocast, gather_rng, resolve_device, 
 from model.gpt import GPT
 from model.loss import LossModel, inputs_and_targets, predicted_positions
 from model.optim import lr_at, make_optimizer
-from model.run import Metrics, RunLock, run_dir_for
+from model.run import Metrics, RunLock, run_dir_for, steps_per_record
 from model.signals import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopRequest
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,7 +179,6 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
             f"cursor {cursor}")
     else:
         say(f"starting run {run_dir} (no checkpoint yet)")
-    metrics = Metrics(run_dir / "metrics.jsonl", step if state is not None else None) if d.master else None
 
     model = LossModel(gpt)
     if t.compile:
@@ -189,6 +188,9 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     model_plain = LossModel(gpt)  # validation: no DDP hooks, no compile
 
     data = TrainData(train_manifest)
+    metrics = Metrics(run_dir / "metrics.jsonl", step if state is not None else None, tokens=tokens_seen,
+                      elapsed_s=elapsed, every=steps_per_record(data.total_batches() * t.epochs),
+                      log=log) if d.master else None
     val = ShardReader(val_shard)
     val_batches = [val[i].tokens for i in range(min(t.val_batches, len(val)))]
     total_tokens = data.total_tokens() * t.epochs
@@ -212,6 +214,8 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
 
     def checkpoint(done=False) -> Path | None:
         rng = gather_rng(d, device)  # a collective: every rank takes part
+        if metrics is not None:
+            metrics.flush()  # the log holds every step up to each checkpoint (a resume truncates it there)
         if d.master:
             return save_checkpoint(run_dir, step, {
                 "model": gpt.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -253,7 +257,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         return loss_sum.item() / n_pred, grad_norm, stop_now
 
     if d.master and state is None and t.val_every_steps:
-        metrics.write(kind="val", step=0, tokens=0, val_loss=validate())
+        metrics.val(step=0, tokens=0, val_loss=validate())
 
     bar = progress(log, "train", "tok", total=total_tokens) if d.master else None
     if bar is not None:
@@ -282,12 +286,12 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 if d.master:
-                    metrics.write(kind="train", step=step, batches=batches, tokens=tokens_seen, loss=loss, lr=lr,
-                                  grad_norm=float(grad_norm), tokens_per_s=step_tokens / dt, elapsed_s=elapsed)
+                    metrics.train(step=step, batches=batches, tokens=tokens_seen, loss=loss, lr=lr,
+                                  grad_norm=float(grad_norm), elapsed_s=elapsed)
                     bar.update(step_tokens)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
                     if t.val_every_steps and step % t.val_every_steps == 0:
-                        metrics.write(kind="val", step=step, tokens=tokens_seen, val_loss=validate())
+                        metrics.val(step=step, tokens=tokens_seen, val_loss=validate())
                 if step % t.checkpoint_every_steps == 0 or stop_now:
                     path = checkpoint()
                 if stop_now:
@@ -309,7 +313,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
                 break
     if not done:
         if d.master and t.val_every_steps and step % t.val_every_steps != 0:
-            metrics.write(kind="val", step=step, tokens=tokens_seen, val_loss=validate())
+            metrics.val(step=step, tokens=tokens_seen, val_loss=validate())
         checkpoint(done=True)
     if bar is not None:
         bar.close()

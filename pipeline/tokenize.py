@@ -5,7 +5,9 @@ document starts with it and the vocabulary stays GPT-2's 50,257. For every docum
 its subset and the UTF-8 bytes of the text its kept tokens cover (for bits per byte at evaluation).
 
 Reads the filtered Parquet file one row group at a time and encodes it on `threads` threads (tiktoken
-releases the GIL), the next row group while this one is written.
+releases the GIL), the next row group while this one is written. A document's text is cut to
+text_bound(max_len_tokens) characters before it is encoded, so a 10 MB run of letters with no space (a DNA or
+base64 blob) costs what a 64 KB one does, and the tokens kept are those of the whole text (see text_bound).
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ SLICE = 256  # documents per task: small enough to spread a row group over the t
 START = np.array([EOT], dtype=np.uint32)
 
 
+def text_bound(max_len_tokens: int) -> int:
+    """Characters of a document worth encoding: (max_len_tokens + 1) x the longest GPT-2 token (128 bytes).
+
+    Why this never changes the kept tokens of normal text: tiktoken splits the text with GPT-2's regex into
+    pieces P1, P2, ... and encodes each piece on its own. Let Pk be the first piece at which the count of
+    tokens reaches max_len_tokens; the kept tokens all come from P1..Pk. P1..Pk-1 hold fewer than
+    max_len_tokens tokens of at most 128 bytes each, so Pk starts before byte (max_len_tokens - 1) x 128.
+    A piece's match depends on its own characters and the one after it (the possessive and look-ahead parts of
+    the regex), so a cut at (max_len_tokens + 1) x 128 bytes leaves P1..Pk as they were whenever Pk (one word,
+    number, punctuation or whitespace run) is under 2 x 128 - 4 = 252 bytes. Only a single piece longer than
+    that, e.g. a blob with no spaces, can tokenize differently near the cut, and it is cut anyway. A character
+    is at least one byte, so cutting at that many characters keeps at least that many bytes. And the cut text
+    still has more than max_len_tokens tokens (each covers at most 128 bytes), so the document counts as cut.
+    """
+    return (max_len_tokens + 1) * int(token_byte_lengths().max())
+
+
 def encode_slice(texts: list[str], max_len_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(lengths, tokens, documents cut) of a few documents: EOT + the first max_len_tokens BPE tokens each.
 
@@ -37,7 +56,8 @@ def encode_slice(texts: list[str], max_len_tokens: int) -> tuple[np.ndarray, np.
     flatten while holding the GIL.
     """
     enc = gpt2_encoding()
-    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    bound = text_bound(max_len_tokens)
+    encoded = [enc.encode_to_numpy(text[:bound], disallowed_special=()) for text in texts]
     full = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     pieces = []
     for ids in encoded:

@@ -1,7 +1,9 @@
-"""Report: the metrics log is read as the trainer writes it (resumes, a cut last line); three real PNG plots."""
+"""Report: the metrics log is read as the trainer writes it (resumes, a cut last line), in memory that does not
+grow with the run (an 11 M-step history); three real PNG plots."""
 
 import math
 import re
+import tracemalloc
 from pathlib import Path
 
 import matplotlib.image
@@ -10,6 +12,7 @@ import orjson
 import pytest
 
 from model import report
+from model.run import steps_per_record
 from model.checkpoint import save_model
 from model.evaluate import Tally, results
 from model.gpt import GPT
@@ -99,7 +102,7 @@ def test_report_draws_three_plots_of_the_run(tmp_path):
         h, w = img.shape[:2]
         assert w > 600 and h > 250
         assert img[..., :3].std() > 0.05  # something is drawn
-    assert "300 training steps, 7 validations" in (tmp_path / "report.log").read_text()
+    assert "300 training steps in 300 records, 7 validations" in (tmp_path / "report.log").read_text()
     assert not list((tmp_path / "results" / "plots").glob(".*tmp*"))  # written atomically
 
 
@@ -115,3 +118,53 @@ def test_every_caption_the_snakefile_names_exists():
     for c in captions:
         text = (ROOT / c).read_text()
         assert len(text.split()) > 20, c
+
+
+def test_records_are_binned_by_step_with_mean_least_and_largest(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"kind": "train", "step": s, "tokens": 10 * s, "loss": float(s % 10),
+                                            "lr": s / 100}) + b"\n" for s in range(1, 101)))
+    m = report.read_metrics(path, bins=10)["train"]
+    assert m["step"].tolist() == list(range(10, 101, 10)) and m["tokens"].tolist() == list(range(100, 1001, 100))
+    assert m["records"].tolist() == [10] * 10
+    assert m["loss"] == pytest.approx([4.5] * 10) and m["loss_min"].tolist() == [0] * 10
+    assert m["loss_max"].tolist() == [9] * 10 and m["lr"] == pytest.approx([s / 100 + 0.055 for s in range(0, 100, 10)])
+
+
+def eleven_million_step_history(path: Path) -> int:
+    """The log of the Pile config's run as Metrics writes it: 11.5 M steps, a record per 115 steps and per
+    checkpoint (every 20,000 steps), a validation every 20,000 steps. Returns the number of records."""
+    steps, every = 11_500_000, steps_per_record(11_500_000)
+    record_steps = np.union1d(np.arange(every, steps + 1, every), np.arange(20_000, steps + 1, 20_000))
+    rng = np.random.default_rng(0)
+    loss = (3.0 + 8.0 * np.exp(-record_steps / 2e5) + rng.normal(0, 0.05, len(record_steps))).tolist()
+    with open(path, "wb") as fh:
+        fh.write(orjson.dumps({"kind": "val", "step": 0, "tokens": 0, "val_loss": 10.9}) + b"\n")
+        for i, s in enumerate(record_steps.tolist()):
+            fh.write(orjson.dumps({"kind": "train", "step": s, "batches": s, "tokens": 1870 * s, "loss": loss[i],
+                                   "lr": 2.5e-4 * min(1.0, s / 40_000), "grad_norm": 0.4, "tokens_per_s": 150_000.0,
+                                   "elapsed_s": s / 80}) + b"\n")
+            if s % 20_000 == 0:
+                fh.write(orjson.dumps({"kind": "val", "step": s, "tokens": 1870 * s, "val_loss": loss[i]}) + b"\n")
+    return len(record_steps) + steps // 20_000 + 1
+
+
+def test_an_11_million_step_history_is_read_in_bounded_memory(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    n_records = eleven_million_step_history(path)
+    assert n_records > 100_000 and path.stat().st_size > 15e6
+    tracemalloc.start()
+    try:
+        m = report.read_metrics(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Parsed into Python objects, the log would take ~100 MB; the bins and one batch of pending records, ~4 MB.
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB"
+    assert len(m["train"]["step"]) <= report.BINS and m["train"]["step"][-1] == 11_500_000
+    assert m["train"]["records"].sum() == n_records - 576 and m["val"]["records"].sum() == 576
+    assert m["train"]["loss"][0] > 10 and abs(m["train"]["loss"][-1] - 3.0) < 0.05
+    plots = tmp_path / "training.png", tmp_path / "throughput.png"
+    report.plot_training(m, None, plots[0])
+    report.plot_throughput(m, plots[1])
+    assert all(image(p)[..., :3].std() > 0.05 for p in plots)

@@ -1,3 +1,4 @@
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,3 +47,39 @@ def test_special_token_text_inside_a_document_is_ordinary_text(tmp_path):
     tokens = pq.read_table(tmp_path / "t.parquet").column("tokens").to_pylist()
     assert tokens == [[50256] + gpt2_encoding().encode_ordinary(text), [50256]]
     assert tokens[0].count(50256) == 1
+
+
+def test_a_10_mb_word_is_cut_before_encoding_and_keeps_max_len_tokens(tmp_path):
+    # A DNA or base64 blob: one regex piece of 10 MB. Encoding all of it would take tiktoken many seconds;
+    # the text is cut to text_bound characters first, so this document costs what a 64 KB one does.
+    blob = "ACGT" * 2_500_000
+    src = filtered_file(tmp_path / "f.parquet", [("sequence: " + blob, "Github"), ("after it", "Github")])
+    result = tokenize.run(src, tmp_path / "t.parquet", tmp_path / "t.json", max_len_tokens=512, threads=2)
+    rows = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    assert len(rows[0]["tokens"]) == 513 and rows[0]["tokens"][0] == 50256
+    enc = gpt2_encoding()
+    assert enc.decode(rows[0]["tokens"][1:]).startswith("sequence: ACGTACGT")
+    assert rows[0]["n_bytes"] == len(enc.decode_bytes(rows[0]["tokens"][1:]))
+    assert rows[1]["tokens"] == [50256] + enc.encode_ordinary("after it")
+    assert result["docs_cut_to_max_len_tokens"] == 1
+
+
+def test_the_cut_before_encoding_never_changes_the_tokens_of_normal_text():
+    # Texts far longer than the bound, of words up to 250 characters (the proof in text_bound covers pieces under
+    # 252 bytes), unicode, digits, punctuation runs and whitespace runs; small max_len_tokens, so the bound
+    # (max_len_tokens + 1) x 128 is tight: the kept tokens must be those of the whole text.
+    enc = gpt2_encoding()
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghij") + ["é", "日", "🎉", "7", "-", "=", "'s", "\n", "  ", "\t"]
+    for max_len_tokens in (1, 3, 8, 40):
+        bound = tokenize.text_bound(max_len_tokens)
+        assert bound == (max_len_tokens + 1) * 128
+        for _ in range(30):
+            words = []
+            while sum(map(len, words)) < 3 * bound:
+                words.append("".join(rng.choice(alphabet, size=int(rng.integers(1, 250 if rng.random() < 0.2 else 12)))))
+            text = " ".join(words)
+            assert len(text) > bound
+            lengths, tokens, cut = tokenize.encode_slice([text], max_len_tokens)
+            assert tokens[1:].tolist() == enc.encode_ordinary(text)[:max_len_tokens], (max_len_tokens, text[:200])
+            assert cut == 1 and lengths.tolist() == [max_len_tokens + 1]
