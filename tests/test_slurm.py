@@ -1,7 +1,8 @@
-"""The SLURM profile (profiles/slurm) through the real snakemake-executor-plugin-slurm, against fake SLURM
-commands that record what would be submitted: every rule's partition, GPUs, CPUs, memory and time limit;
-the signal ahead of the time limit, and that the step's Snakemake and the trainer both survive it to stop
-cleanly; evaluate on a node without the GPU that [train] device names.
+"""The SLURM profile (profiles/slurm) with the real snakemake-executor-plugin-slurm, on a fake cluster: fake
+sbatch, srun, sacct and the other commands the plugin calls, which record every call and run each job on this
+machine (no GPU) through the plugin's job step. One run of the whole workflow shows every rule's partition,
+GPUs, CPUs, memory and time limit, evaluate running where it lands, and training signalled as at the time
+limit, submitted again by Snakemake and resumed from the checkpoint written at the signal.
 """
 
 import json
@@ -173,9 +174,11 @@ def test_the_whole_workflow_runs_and_evaluate_uses_the_device_its_node_has(clust
 def test_training_stopped_by_the_time_limit_signal_is_submitted_again_and_resumes(cluster_run):
     wf, jobs, _, out = cluster_run
     assert len(jobs["train"]) == 2
-    # Snakemake's log says why the first job stopped and that it submits it again
-    assert "training stopped on a signal after writing a checkpoint (exit 75)" in out
-    assert "Trying to restart job" in out
+    # Snakemake's log says that the first job failed, where its log is, and that it submits it again
+    assert re.search(r"SLURM-job '\d+' failed", out) and "Trying to restart job" in out
+    # that log (kept: the job failed) says why
+    first_log = Path(re.search(r"\S+/rule_train/\d+\.log", out)[0])
+    assert "training stopped on a signal after writing a checkpoint (exit 75)" in first_log.read_text()
     log = (wf / "checkpoints" / "logs" / "train.log").read_text()  # the second job's: Snakemake starts it anew
     resumed = re.search(r"resuming \S+ from step_(\d+)\.pt", log)
     assert resumed, log[-3000:]
