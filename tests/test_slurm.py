@@ -30,10 +30,25 @@ FAKE_SLURM = """#!{python}
 # recorded. sbatch runs the job at once, on this machine, as a node would, and records its exit status, which
 # sacct reports. srun runs its command in a process group of its own (a job step); when the job asked for a
 # --signal, the first training step of the run gets it once the trainer has logged a step, as at a time limit.
-import fcntl, json, os, re, signal, subprocess, sys, time
+import fcntl, json, os, signal, subprocess, sys, time
 from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
 name, args = Path(sys.argv[0]).name, sys.argv[1:]
+
+
+def train_steps():
+    steps = []
+    for metrics in Path.cwd().glob("checkpoints/run-*/metrics.jsonl"):
+        for line in metrics.read_bytes().split(b"\\n"):
+            try:
+                rec = json.loads(line)
+            except ValueError:  # empty, or being written
+                continue
+            if rec.get("kind") == "train":
+                steps.append(rec["step"])
+    return steps
+
+
 with open(state / "calls.jsonl", "a") as fh:
     fh.write(json.dumps([name, *args]) + "\\n")
 if name == "sbatch":
@@ -62,9 +77,10 @@ elif name == "srun":
     marker = state / "signalled"
     if sig and "train:" in " ".join(command) and not marker.exists():
         while step.poll() is None:
-            if any('"kind":"train"' in m.read_text() for m in Path.cwd().glob("checkpoints/run-*/metrics.jsonl")):
-                marker.write_text(sig)
+            steps = train_steps()
+            if steps:
                 os.killpg(step.pid, getattr(signal, "SIG" + sig))  # every process of the step
+                marker.write_text(json.dumps({{"signal": sig, "after_step": max(steps)}}))
                 break
             time.sleep(0.02)
     rc = step.wait()
@@ -182,8 +198,10 @@ def test_training_stopped_by_the_time_limit_signal_is_submitted_again_and_resume
     log = (wf / "checkpoints" / "logs" / "train.log").read_text()  # the second job's: Snakemake starts it anew
     resumed = re.search(r"resuming \S+ from step_(\d+)\.pt", log)
     assert resumed, log[-3000:]
-    # a checkpoint written at the signal: the first periodic one is at step 10 (checkpoint_every_steps)
-    assert 0 < int(resumed[1]) < 10
+    # from the checkpoint written at the signal: after the step in progress when it came (or the next one,
+    # had it come between that step's check for a signal and its line in metrics.jsonl)
+    sent = json.loads((wf.parent / "slurm" / "signalled").read_text())
+    assert sent["signal"] == "TERM" and sent["after_step"] < int(resumed[1]) <= sent["after_step"] + 2
     assert (wf / "checkpoints" / "final.pt").exists()
 
 
