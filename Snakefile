@@ -64,7 +64,7 @@ rule filter_chunk:
         pile_sets_to_use=list(PRE.pile_sets_to_use),
         min_len_words=PRE.min_len_words,
         max_len_words=PRE.max_len_words,
-    threads: 1
+    threads: 2  # the parser, plus zstd decompression and the Parquet writer on threads of their own (~1.3 cores)
     log:
         f"{WORK}/logs/filter/{{chunk}}.log",
     run:
@@ -98,7 +98,7 @@ rule shard_chunk:
     params:
         max_num_of_tokens_in_batch=PRE.max_num_of_tokens_in_batch,
         tokens_per_shard=PRE.tokens_per_shard,
-    threads: 1
+    threads: 2  # pyarrow decodes the Parquet input on threads of its own (~1.6 cores)
     log:
         f"{WORK}/logs/shard/{{chunk}}.log",
     run:
@@ -155,7 +155,9 @@ rule train:
     params:
         train=cfg.as_plain_dict(S.train),
         architecture=cfg.as_plain_dict(S.architecture),
-    threads: os.cpu_count() or 1  # scaled down to --cores by Snakemake
+    threads: lambda wc: workflow.resource_settings.cores or 1  # all of --cores; a cluster profile sets it (set-threads)
+    resources:
+        gpu=0 if S.train.device == "cpu" else S.train.nproc_per_node,  # one per DDP process; what a cluster allocates
     log:
         f"{CKPT}/logs/train.log",
     run:
@@ -177,7 +179,9 @@ rule evaluate:
         start_predicting_from_what_token=S.train.start_predicting_from_what_token,
         device=S.train.device,
         dtype=S.train.dtype,
-    threads: os.cpu_count() or 1  # scaled down to --cores by Snakemake
+    threads: lambda wc: workflow.resource_settings.cores or 1  # all of --cores; a cluster profile sets it (set-threads)
+    resources:
+        gpu=0 if S.train.device == "cpu" else 1,  # one process; without a GPU on its node it evaluates on the CPU
     log:
         f"{RESULTS}/logs/evaluate.log",
     run:

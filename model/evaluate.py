@@ -278,15 +278,27 @@ def _init_settings(meta: dict) -> dict:
     return found
 
 
+def evaluation_device(name: str, strict: bool, log) -> torch.device:
+    """The device to evaluate on. [train] device names where training runs; evaluate may land elsewhere (a CPU
+    node of a cluster, a laptop): a CUDA device this machine lacks then means the CPU, with a warning in the
+    log, since the same model evaluates on either. strict (an explicit --device): that device or an error."""
+    if not strict and name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"warning: [train] device = {name}, but this machine has no CUDA GPU: evaluating on the CPU",
+              file=log, flush=True)
+        return torch.device("cpu")
+    return resolve_device(name)
+
+
 def run(model_path, val_shard, out_json, out_table, start_predicting_from_what_token: int, device: str = "auto",
-        dtype: str = "auto", threads: int = 0, log=None, *, expected_arch=None, untrained_baseline: bool = True):
+        dtype: str = "auto", threads: int = 0, log=None, *, expected_arch=None, untrained_baseline: bool = True,
+        strict_device: bool = False):
     """Evaluate model_path on val_shard; write perplexity.json and the Markdown table; print the table."""
     from model.checkpoint import load_gpt
 
     set_threads(threads)
-    dev = resolve_device(device)
     start = int(start_predicting_from_what_token)
     with log_file(log) as logfh:
+        dev = evaluation_device(device, strict_device, logfh)
         precision = resolve_precision(dtype, dev)
         dtype = precision.dtype
         model, arch, meta = load_gpt(model_path, map_location=dev, expected_arch=expected_arch)
@@ -367,7 +379,8 @@ def main(argv=None) -> int:
             args.device or s.train.device, args.dtype or s.train.dtype, args.threads, log=None,
             # a model file of this project must match [architecture] (a wrong --ini is the usual cause); a
             # Hugging Face folder brings its own architecture in config.json
-            expected_arch=s.architecture if model.is_file() else None, untrained_baseline=not args.no_untrained)
+            expected_arch=s.architecture if model.is_file() else None, untrained_baseline=not args.no_untrained,
+            strict_device=args.device is not None)
     except (ConfigError, ModelFileError, ValueError, OSError) as e:
         hint = ("; give the --ini of the run that trained it" if "another architecture" in str(e) else "")
         print(f"error: {e}{hint}", file=sys.stderr)
