@@ -1,7 +1,8 @@
 """Preemption: SIGTERM, SIGINT and SIGUSR1 ask the trainer to stop after the current optimizer step.
 
 A cluster ends a job with SIGTERM (at the time limit, at preemption, on `scancel`), then SIGKILL after
-KillWait (30 s by default on SLURM); SLURM can also send SIGUSR1 a chosen time ahead (`--signal=B:USR1@300`).
+KillWait (30 s by default on SLURM), and can send one a chosen time ahead: the SLURM profile asks for
+`--signal=TERM@300` (docs/slurm.md says why SIGTERM and not `B:USR1` under Snakemake's SLURM executor).
 On any of the three the trainer finishes the step it is in, writes a checkpoint at that step, says so in the
 log and exits with EXIT_PREEMPTED (75, EX_TEMPFAIL: "try again"); the same command resumes from the
 checkpoint. Under DDP every rank must stop at the same step: the ranks OR their flags each step (in the
