@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import json
-import math
 import os
 import subprocess
 import sys
@@ -133,7 +132,8 @@ def rehearsal_ini(path: Path, folder: Path, scale: float) -> Path:
     pre["path_to_original_data"] = str(folder / "corpus")
     pre["path_to_store_preprocessed_data"] = str(folder / "work")
     # the shard count per chunk of the real run: tokens_per_shard scaled (at least one batch)
-    pre["tokens_per_shard"] = str(max(int(pre["max_num_of_tokens_in_batch"]), round(int(pre["tokens_per_shard"]) * scale)))
+    batch, shard = int(pre["max_num_of_tokens_in_batch"]), int(pre["tokens_per_shard"])
+    pre["tokens_per_shard"] = str(max(batch, round(shard * scale)))
     pile["val"]["results_dir"] = str(folder / "results")
     train["folder_to_save_state_dicts"] = str(folder / "checkpoints")
     for key in ("warmup_steps", "steps_to_attenuate_lr_to_zero"):
