@@ -4,9 +4,9 @@
 result, and the train split's manifest: an unchanged configuration resumes, a changed one starts a new run.
 It holds config.json, metrics.jsonl, events.out.tfevents.* (TensorBoard's files, when the package is
 installed: `tensorboard --logdir checkpoints/` shows every run under its folder's name), the last
-`keep_checkpoints` step_N.pt (+ .json sidecar with their sha256, see model/checkpoint.py) and a `lock`
-file, flock()ed while a trainer runs (the OS drops it when the process dies, even by SIGKILL, so a lock is
-never stale).
+`keep_checkpoints` step_N.pt (+ .json sidecar with their sha256, see model/checkpoint.py) and a `lock` file,
+flock()ed while a trainer runs (the OS drops it when the process dies, even by SIGKILL, so a lock is never
+stale).
 """
 
 from __future__ import annotations
