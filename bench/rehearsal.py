@@ -19,7 +19,7 @@ shard size and the step-counting keys (warmup, attenuation, checkpoint and valid
 minutes; GPT-2 small's training time is projected from FLOPs instead (6 x parameters x tokens over a GPU's
 datasheet bfloat16 FLOP/s).
 
-Measured: each job's wall time (Snakemake's own start and end records) and peak RSS (VmHWM of its processes,
+Measured: each job's wall time and peak RSS (VmHWM of its processes,
 sampled from /proc), each preprocessing stage's function time and peak RSS re-run on chunk 00 in a process of
 its own, the trainer's open files, disk per stage; the projection divides by `scale`. The default scale
 (1e-4: about 2.7 M training tokens) is sized by the small model's training rate on 2 cores (README: 2,370 to
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import json
-import math
 import os
 import subprocess
 import sys
@@ -133,7 +132,8 @@ def rehearsal_ini(path: Path, folder: Path, scale: float) -> Path:
     pre["path_to_original_data"] = str(folder / "corpus")
     pre["path_to_store_preprocessed_data"] = str(folder / "work")
     # the shard count per chunk of the real run: tokens_per_shard scaled (at least one batch)
-    pre["tokens_per_shard"] = str(max(int(pre["max_num_of_tokens_in_batch"]), round(int(pre["tokens_per_shard"]) * scale)))
+    batch, shard = int(pre["max_num_of_tokens_in_batch"]), int(pre["tokens_per_shard"])
+    pre["tokens_per_shard"] = str(max(batch, round(shard * scale)))
     pile["val"]["results_dir"] = str(folder / "results")
     train["folder_to_save_state_dicts"] = str(folder / "checkpoints")
     for key in ("warmup_steps", "steps_to_attenuate_lr_to_zero"):
@@ -164,6 +164,7 @@ class Sampler(threading.Thread):
         self.root = psutil.Process(pid)
         self.peak_tree_rss = self.trainer_hwm = self.trainer_fds = 0
         self.rule_hwm: dict[str, int] = {}
+        self.job_seen: dict[str, list[float]] = {}  # job -> [first, last] time a sample saw its process
         self.stop = threading.Event()
 
     def run(self):
@@ -174,7 +175,7 @@ class Sampler(threading.Thread):
                 procs = [self.root] + self.root.children(recursive=True)
             except psutil.NoSuchProcess:
                 return
-            rss = 0
+            rss, now = 0, time.monotonic()
             for p in procs:
                 try:
                     rss += p.memory_info().rss
@@ -186,8 +187,10 @@ class Sampler(threading.Thread):
                     job = next((q for q in [p] + p.parents() if "--target-jobs" in q.cmdline()), None)
                     if job is not None:
                         args = job.cmdline()
-                        rule = args[args.index("--target-jobs") + 1].split(":")[0]
+                        target = args[args.index("--target-jobs") + 1]
+                        rule = target.split(":")[0]
                         self.rule_hwm[rule] = max(self.rule_hwm.get(rule, 0), hwm)
+                        self.job_seen.setdefault(target, [now, now])[1] = now
                 except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, StopIteration, ValueError):
                     continue
             self.peak_tree_rss = max(self.peak_tree_rss, rss)
@@ -199,18 +202,12 @@ def vm_hwm(pid: int) -> int:
     return 1024 * next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:"))
 
 
-def job_times(workdir: Path) -> list[dict]:
-    """(rule, seconds) of every job, from Snakemake's metadata records (one per output file)."""
-    jobs = {}
-    for f in (workdir / ".snakemake" / "metadata").iterdir():
-        try:
-            meta = json.loads(f.read_text())
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if meta.get("starttime") and meta.get("endtime"):
-            key = (meta["rule"], meta["starttime"])  # a job with two outputs has two records
-            jobs[key] = {"rule": meta["rule"], "seconds": meta["endtime"] - meta["starttime"]}
-    return list(jobs.values())
+def job_times(sampler: Sampler) -> list[dict]:
+    """(rule, seconds) of every job: how long the sampler saw its process (to 0.2 s; Snakemake's start-up of
+    the job's process included, as every job pays it). Snakemake's metadata records are no use here: their
+    `starttime` is written when the job ends."""
+    return [{"rule": target.split(":")[0], "seconds": last - first + 0.2}
+            for target, (first, last) in sampler.job_seen.items()]
 
 
 CHILD = r"""
@@ -251,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="Snakemake --cores (default: all)")
     p.add_argument("--out", default="work/rehearsal", help="folder of the corpus, the run and the results")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--until", default="all", choices=("all", "split"),
+                   help="split: preprocessing only, for its throughput at scales too large to train on a CPU")
     a = p.parse_args(argv)
     folder = Path(a.out).resolve()
     s = a.scale
@@ -263,7 +262,7 @@ def main(argv=None) -> int:
           f"{du(folder / 'corpus') / 1e6:.1f} MB zst, {corpus_seconds:.0f} s", flush=True)
     ini = rehearsal_ini(folder / "rehearsal.ini", folder, s)
 
-    cmd = [str(Path(sys.executable).parent / "snakemake"), "--snakefile", str(ROOT / "Snakefile"),
+    cmd = [str(Path(sys.executable).parent / "snakemake"), a.until, "--snakefile", str(ROOT / "Snakefile"),
            "--directory", str(folder), "--cores", str(a.cores), "--config", f"ini={ini}"]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(folder / "snakemake.log", "w"), stderr=subprocess.STDOUT)
@@ -283,7 +282,7 @@ def main(argv=None) -> int:
     split = orjson.loads((work / "split" / "manifest.json").read_bytes())
     train_tokens = split["train"]["tokens"]
     chunks = split["train"]["chunks"] + [split["val"]["chunk"]]
-    jobs = job_times(folder)
+    jobs = job_times(sampler)
 
     # one job of each preprocessing stage again, alone, for its function time and peak RSS
     iso = folder / "isolated"
@@ -319,7 +318,7 @@ def main(argv=None) -> int:
     disk = {"raw .jsonl.zst (18 chunks read)": raw_bytes,
             "filtered": du(work / "filtered"), "tokenized": du(work / "tokenized"), "sharded": du(work / "sharded"),
             "split (val.arrow; train.json lists the shards)": du(work / "split")}
-    run_dir = next(Path(settings.train.folder_to_save_state_dicts).glob("run-*"))
+    run_dir = next(Path(settings.train.folder_to_save_state_dicts).glob("run-*"), folder / "not-trained")
     ckpts = sorted(run_dir.glob("step_*.pt"))
     n_shards = sum(len(c["shards"]) for c in orjson.loads((work / "split" / "train.json").read_bytes())["chunks"])
 
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
                             "tokens": tokens00},
         "stages": stages, "isolated_chunk_00": isolated_runs, "disk": disk,
         "train": {"peak_rss": sampler.trainer_hwm, "max_open_files": sampler.trainer_fds, "shards": n_shards,
-                  "metrics_bytes": du(run_dir / "metrics.jsonl"),
+                  "metrics_bytes": du(run_dir / "metrics.jsonl") if run_dir.exists() else 0,
                   "checkpoint_bytes": ckpts[-1].stat().st_size if ckpts else 0},
         "snakemake_tree_peak_rss": sampler.peak_tree_rss, "workflow_seconds": workflow_seconds,
         "projection": {

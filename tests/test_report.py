@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from model import report
-from model.run import steps_per_record
 from model.checkpoint import save_model
 from model.evaluate import Tally, results
 from model.gpt import GPT
+from model.run import steps_per_record
 from pipeline.config import Architecture
 from pipeline.io import write_json
 

@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from model import run as R
+from model.checkpoint import load_model
 from model.data import TrainData
 from model.run import Metrics
-from model.checkpoint import load_model
 from pipeline.shards import ShardReader, ShardWriter
 from tests.synthetic import make_split, random_batches, write_tiny_ini
 

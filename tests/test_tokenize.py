@@ -77,7 +77,8 @@ def test_the_cut_before_encoding_never_changes_the_tokens_of_normal_text():
         for _ in range(30):
             words = []
             while sum(map(len, words)) < 3 * bound:
-                words.append("".join(rng.choice(alphabet, size=int(rng.integers(1, 250 if rng.random() < 0.2 else 12)))))
+                longest = 250 if rng.random() < 0.2 else 12
+                words.append("".join(rng.choice(alphabet, size=int(rng.integers(1, longest)))))
             text = " ".join(words)
             assert len(text) > bound
             lengths, tokens, cut = tokenize.encode_slice([text], max_len_tokens)
