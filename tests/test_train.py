@@ -139,6 +139,23 @@ def test_weight_decay_only_on_two_dimensional_weights():
     assert [len(g["params"]) for g in everything.param_groups] == [len(list(gpt.parameters())), 0]
 
 
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_loop():
+    gpt = GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=16))
+    opt = O.make_optimizer(gpt, Train(max_lr=1e-2, warmup_steps=0), torch.device("cpu"))
+    assert all(g["fused"] for g in opt.param_groups)
+    twin = GPT(gpt.arch)
+    twin.load_state_dict(gpt.state_dict())
+    loop = torch.optim.AdamW([{"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": 0.01},
+                              {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=opt.param_groups[0]["lr"], foreach=False)
+    for model, o in ((gpt, opt), (twin, loop)):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        o.step()
+    for a, b in zip(gpt.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # --- a whole (tiny) run ------------------------------------------------------------------------------
 
 def test_training_lowers_the_loss_and_writes_final_pt_and_metrics(tmp_path):
