@@ -93,6 +93,7 @@ def test_no_grad_forward_stores_no_gradients():
 def test_chunk_rows_fit_the_device():
     assert L.chunk_rows(torch.device("cpu"), 64) == 64
     assert L.chunk_rows(torch.device("cpu"), 768) == 256
+    assert L.chunk_rows(torch.device("cpu"), 64, torch.bfloat16) == 1024
     assert L.chunk_rows(torch.device("cuda"), 768) == 2048
 
 
