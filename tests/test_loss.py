@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from model import loss as L
 from model.gpt import GPT
-from model.optim import make_optimizer
-from pipeline.config import Architecture, Train
+from pipeline.config import Architecture
 
 VOCAB = 1000
 
@@ -119,7 +118,8 @@ def test_training_with_the_chunked_loss_gives_the_full_logits_weights_within_flo
         gpt = GPT(TINY, P_drop=0.0)
         model = objective(gpt)
         initial = {k: v.clone() for k, v in gpt.state_dict().items()}
-        opt = make_optimizer(gpt, Train(max_lr=1e-2, warmup_steps=0), torch.device("cpu"))
+        # SGD: Adam divides by sqrt(v), which blows a near-zero gradient's round-off up to a whole step
+        opt = torch.optim.SGD(gpt.parameters(), lr=1.0)
         g = torch.Generator().manual_seed(1)
         for _ in range(4):
             x = torch.randint(0, 50257, (3, 20), generator=g)
