@@ -210,7 +210,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     metrics = Metrics(run_dir / "metrics.jsonl", step if state is not None else None) if d.master else None
 
     model = LossModel(gpt)
-    if t.compile:
+    if t.compile.lower() == "true" or (t.compile.lower() == "auto" and device.type == "cuda"):
         model = CompiledOrEager(model, log)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -156,6 +156,33 @@ def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_loop():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_model_that_fails_to_compile_trains_eagerly_with_one_warning(monkeypatch):
+    import io
+
+    def broken_compile(model, **kw):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    gpt = GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=16))
+    log = io.StringIO()
+    model = T.CompiledOrEager(L.LossModel(gpt), log)
+    x, y = torch.randint(0, 1000, (2, 10)), torch.randint(0, 1000, (2, 10))
+    assert model(x, y, 2).item() == L.LossModel(gpt)(x, y, 2).item()
+    model(x, y, 2)
+    assert log.getvalue().count("warning: torch.compile failed") == 1
+    assert "no working C++ compiler found); training without it" in log.getvalue()
+
+
+def test_threads_default_to_physical_cores_not_hyperthreads(monkeypatch):
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}  # 2 cores, 2 hyperthreads each
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(T.Path, "read_text", lambda self: siblings[int(self.parts[-3][3:])] + "\n")
+    assert T.physical_cores() == 2
+
+
 # --- a whole (tiny) run ------------------------------------------------------------------------------
 
 def test_training_lowers_the_loss_and_writes_final_pt_and_metrics(tmp_path):
