@@ -358,7 +358,8 @@ def main(argv=None):
     print(f"# device {device}: {machine_line(device)}")
 
     asked = list(DTYPES) if a.dtypes == "native" else a.dtypes.split(",")
-    peaks = {dt: matmul_peak(device, DTYPES[dt]) for dt in dict.fromkeys(["float32", *asked])}  # float32: the yardstick
+    # float32 always: the yardstick that tells an emulated dtype
+    peaks = {dt: matmul_peak(device, DTYPES[dt]) for dt in dict.fromkeys(["float32", *asked])}
     status = native_dtypes(device, peaks)
     dtypes = [dt for dt in asked if a.dtypes != "native" or status[dt] == "native"]
     for dt in asked:
