@@ -412,8 +412,8 @@ def main(argv=None):
                         mem = peak_memory(built[name], *batches[0], device)
                         mfu = 6 * n_params * tps / peak
                         sheet = datasheet_peak(device, dt)
-                        row = dict(shape=f"{shape}@{batches[0][0].numel()}", dtype=dt + (" (emulated)" if emulated else ""),
-                                   mode=mode, trainer=name, tokens_per_s=tps, mfu=mfu,
+                        row = dict(shape=f"{shape}@{batches[0][0].numel()}",
+                                   dtype=dt + (" (emulated)" if emulated else ""), mode=mode, trainer=name, tokens_per_s=tps, mfu=mfu,
                                    mfu_sheet=6 * n_params * tps / sheet if sheet else None, peak_bytes=mem,
                                    rounds=speed[name])
                         rows.append(row)
