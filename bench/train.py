@@ -418,7 +418,8 @@ def main(argv=None):
                                    rounds=speed[name])
                         rows.append(row)
                         ratio = statistics.median(speed["project"]) / tps if "project" in speed else float("nan")
-                        mfu_s = f"{100 * mfu:6.1f}%" if mfu <= 1 else "  >100%"  # a peak measured too low
+                        # above 100%: the peak was measured while the machine was busier than during the steps
+                        mfu_s = f"{100 * mfu:6.1f}%" if mfu <= 1 else "  >100%"
                         sheet_s = f"{100 * row['mfu_sheet']:8.1f}%" if sheet else "        -"
                         mem_s = f"{mem / 2**20:8.0f}" if mem else "       -"
                         print(f"{row['shape']:18s} {row['dtype']:9s} {mode:8s} {name:8s} {tps:9.0f} {mfu_s} "
@@ -443,7 +444,8 @@ def summary(rows, trainers):
                 if r["trainer"] not in best or r["tokens_per_s"] > best[r["trainer"]]["tokens_per_s"]:
                     best[r["trainer"]] = r
         proj = best["project"]
-        parts = [f"project {proj['tokens_per_s']:.0f} tok/s ({proj['mode']}, MFU {100 * proj['mfu']:.1f}%)"]
+        mfu = f"{100 * proj['mfu']:.1f}%" if proj["mfu"] <= 1 else ">100%: peak measured low"
+        parts = [f"project {proj['tokens_per_s']:.0f} tok/s ({proj['mode']}, MFU {mfu})"]
         for name in trainers[1:]:
             if name in best:
                 ref = best[name]
