@@ -1,181 +1,459 @@
-"""Training throughput and model FLOP utilisation (MFU) against this machine's measured matmul peak.
+"""Training throughput side by side: this project's trainer step against two reference steps, on the same
+shapes, in the same run, in interleaved rounds.
 
-    python bench/train.py                       # default config's model and GPT-2 small, float32 and bfloat16
-    python bench/train.py --models gpt2-small --dtypes bfloat16 --compile --device cuda
-    python bench/train.py --models gpt2-small --dtypes bfloat16 --accumulate 1,4   # 4 batches per AdamW step
+    python bench/train.py                        # default config's model and GPT-2 small, every native dtype,
+                                                 # eager and compiled (a long run on a CPU)
+    python bench/train.py --shapes default --compile eager --rounds 3 --steps 2      # a quick run
+    python bench/train.py --shapes gpt2-small@1026 --steps 1 --rounds 3              # GPT-2 small, 1,026-token batches
+    python bench/train.py --device cuda --shapes gpt2-small --dtypes bfloat16
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/train.py
+                                                 # an AVX2-only CPU, emulated on an AVX-512 one (all three needed)
 
-For each model and dtype: forward + backward + AdamW step on batches of max_num_of_tokens_in_batch tokens
-(4 documents of 513 tokens, the longest batches of the seed's data) or, with --split, on the real batches of
-a train split. MFU = 6 * params * tokens/s / peak, params without the position embedding (the tied
-wte/lm_head matmul is counted once, as in nanoGPT's estimate), peak = the measured throughput of a large
-matmul in the same dtype on the same device, measured in the same run.
+Trainers, each taking the same batches: forward, backward, gradient norm clipped to 1, one AdamW step.
+  project  model/gpt.py, model/loss.py's chunked loss, model/optim.py's AdamW, model/train.py's compile
+  hf       transformers' GPT2LMHeadModel (attn_implementation="sdpa"), torch.optim.AdamW, F.cross_entropy on
+           the full logits
+  plain    a textbook GPT-2 written below: nn.Linear, SDPA, tied weights, full logits, F.cross_entropy,
+           torch.optim.AdamW
+
+Each round runs `steps` steps of every trainer, in an order that rotates, so a machine that slows down (other
+jobs, heat) slows all of them; tokens/s is the median over rounds. MFU = 6 N tokens/s / peak (N: parameters
+without the position embedding, the tied output layer counted once, as nanoGPT estimates it; the same N for
+all three), peak = the FLOP/s of a large matmul in the dtype used, measured on this device in this run. A
+dtype the device only emulates (bfloat16 on a CPU without AVX512-BF16/AMX) is skipped with a note unless
+asked for by name; then it is labelled emulated and its MFU is stated against the float32 peak (an emulated
+matmul's own peak says nothing about what the model's kernels run at). Peak memory: on CUDA the allocator's
+peak; on a CPU the step's resident-set high-water mark above the resting process (Linux clear_refs) plus the
+trainer's parameters and optimizer state.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.device import cpu_bf16_reported  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.loss import LossModel, inputs_and_targets  # noqa: E402
 from model.optim import make_optimizer  # noqa: E402
-from pipeline.config import EOT, Architecture, Train, load_settings  # noqa: E402
-from pipeline.shards import ShardReader, read_train_manifest  # noqa: E402
+from model.train import CompiledOrEager, keep_freed_memory, physical_cores  # noqa: E402
+from pipeline.config import EOT, VOCAB_SIZE, Architecture, Train, load_settings  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAINERS = ("project", "hf", "plain")
+LR = 3e-4
+
+# Dense datasheet peaks, TFLOP/s (float32: TF32 tensor cores where the GPU has them, as training enables
+# them; bfloat16/float16 with float32 accumulation), matched on the name torch reports, most specific first.
+DATASHEET = [
+    ("H200", {"float32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
+    ("H100 PCIe", {"float32": 378.0, "bfloat16": 756.0, "float16": 756.0}),
+    ("H100", {"float32": 494.7, "bfloat16": 989.4, "float16": 989.4}),
+    ("A100", {"float32": 156.0, "bfloat16": 312.0, "float16": 312.0}),
+    ("A10G", {"float32": 35.0, "bfloat16": 70.0, "float16": 70.0}),
+    ("L40S", {"float32": 183.0, "bfloat16": 362.0, "float16": 362.0}),
+    ("L4", {"float32": 60.0, "bfloat16": 121.0, "float16": 121.0}),
+    ("RTX 4090", {"float32": 82.6, "bfloat16": 165.2, "float16": 165.2}),
+    ("RTX 3090", {"float32": 35.6, "bfloat16": 71.0, "float16": 71.0}),
+    ("V100", {"float32": 15.7, "float16": 125.0}),
+    ("T4", {"float32": 8.1, "float16": 65.0}),
+]
 
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def matmul_peak(device, dtype, n=None, seconds=2.0) -> float:
-    """FLOP/s of the best of repeated n x n @ n x n matmuls (the machine's practical peak for this dtype)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
+def matmul_peak(device, dtype, seconds=2.0, yardstick: float | None = None) -> float:
+    """FLOP/s of the best of repeated n x n @ n x n matmuls over a few sizes (the practical peak). A dtype
+    under a quarter of the yardstick (float32's peak) on the first size is emulated: the larger sizes would
+    take minutes (0.3 GFLOP/s for bfloat16 on an AVX2 CPU) and are not tried."""
+    best = 0.0
+    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
+        if yardstick and best and best < yardstick / 4:
+            break
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-    sync(device)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ b
         sync(device)
-        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t0))
+        t_end = time.perf_counter() + seconds / 2
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            sync(device)
+            best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
 
-def synthetic_batches(arch: Architecture, budget: int, n: int, rng):
-    L = min(arch.positional_encoding_max_pos, 513)
-    docs = max(1, budget // L)
-    for _ in range(n):
-        tokens = rng.integers(0, 50257, size=(docs, L), dtype=np.uint16)
-        tokens[:, 0] = EOT
-        yield tokens
+def datasheet_peak(device, dtype: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DATASHEET:
+        if key in name:
+            return peaks.get(dtype, 0) * 1e12 or None
+    return None
 
 
-def split_batches(train_json, n: int, rng):
-    """n batches drawn at random from a real train split (its mix of lengths and batch sizes)."""
-    shards = [s for c in read_train_manifest(train_json) for s in c["shards"]]
-    readers = [ShardReader(s) for s in shards]
-    index = [(r, i) for r in readers for i in range(len(r))]
-    for k in rng.choice(len(index), size=min(n, len(index)), replace=False):
-        r, i = index[k]
-        yield np.array(r[i].tokens)
+# ---------------------------------------------------------------------------------------------------------
+# The textbook GPT-2 (nanoGPT's shape): the reference a reader would write
+
+class PlainAttention(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
-def bench_model(name, arch, dtype_name, device, batches, start, compile_, warmup, log, accumulate=1):
+class PlainBlock(nn.Module):
+    def __init__(self, d, h, d_ff):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = PlainAttention(d, h)
+        self.fc, self.fc_proj = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB_SIZE, arch.d_model)
+        self.wpe = nn.Embedding(arch.positional_encoding_max_pos, arch.d_model)
+        self.blocks = nn.ModuleList(PlainBlock(arch.d_model, arch.h, arch.d_ff) for _ in range(arch.N))
+        self.ln_f = nn.LayerNorm(arch.d_model)
+        self.lm_head = nn.Linear(arch.d_model, VOCAB_SIZE, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def hf_gpt2(arch: Architecture):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=arch.positional_encoding_max_pos, n_embd=arch.d_model,
+                     n_layer=arch.N, n_head=arch.h, n_inner=arch.d_ff, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, use_cache=False)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One trainer: a model, its optimizer, its step
+
+@dataclass
+class Trainer:
+    name: str
+    step: object          # step(x, y) -> None
+    params: nn.Module     # whose parameters and optimizer state count as its resting memory
+    opt: torch.optim.Optimizer
+
+
+def build(name, arch, device, dtype, compiled, start) -> Trainer:
     torch.manual_seed(0)
-    gpt = GPT(arch).to(device)
-    model = LossModel(gpt)
-    if compile_:
-        model = torch.compile(model, dynamic=True)
-    opt = make_optimizer(gpt, Train(), device)
-    amp = DTYPES[dtype_name]
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not torch.float32 else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    amp = (lambda: torch.autocast(device.type, dtype=DTYPES[dtype])) if dtype != "float32" else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    if name == "project":  # model/train.py's train_step, one batch per optimizer step
+        gpt = GPT(arch, P_drop=0.0).to(device)
+        model = LossModel(gpt)
+        model = CompiledOrEager(model) if compiled else model
+        opt = make_optimizer(gpt, Train(max_lr=LR, warmup_steps=0), device)
+        for g in opt.param_groups:
+            g["lr"] = LR
 
-    calls = [0]
+        def step(x, y):
+            with amp():
+                nll = model(x, y, start)
+            scaler.scale(nll * (1.0 / y[:, start:].numel())).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        return Trainer(name, step, gpt, opt)
 
-    def step(tokens):
-        x, y = inputs_and_targets(tokens)
-        x, y = x.to(device), y.to(device)
-        with ctx():
-            loss = model(x, y, start) / (x.shape[0] * (x.shape[1] - start))
+    net = (hf_gpt2(arch) if name == "hf" else PlainGPT(arch)).to(device)
+    fwd = torch.compile(net) if compiled else net
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01)
+
+    def step(x, y):
+        with amp():
+            out = fwd(x)
+            logits = out.logits if name == "hf" else out
+            loss = F.cross_entropy(logits[:, start:].reshape(-1, logits.shape[-1]), y[:, start:].reshape(-1))
         scaler.scale(loss).backward()
-        calls[0] += 1
-        if calls[0] % accumulate:  # gradient accumulation: the optimizer steps every `accumulate` batches
-            return
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+    return Trainer(name, step, net, opt)
 
-    for tokens in batches[:warmup]:
-        step(tokens)
-    sync(device)
-    t0 = time.perf_counter()
-    tokens_done = 0
-    for tokens in batches[warmup:]:
-        step(tokens)
-        tokens_done += tokens.size
-    sync(device)
-    dt = time.perf_counter() - t0
-    n_steps = len(batches) - warmup
-    params = gpt.num_params() - gpt.transformer.wpe.weight.numel()
-    return {"model": name, "dtype": dtype_name, "accumulate": accumulate, "params": params, "tokens_per_s": tokens_done / dt,
-            "step_s": dt / n_steps, "tokens_per_step": tokens_done / n_steps,
-            "model_flops_per_s": 6 * params * tokens_done / dt}
+
+def resting_bytes(tr: Trainer) -> int:
+    """Parameters and optimizer state: what the trainer holds between steps."""
+    n = sum(p.numel() * p.element_size() for p in tr.params.parameters())
+    for state in tr.opt.state.values():
+        n += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return n
+
+
+def _status_kb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_memory(tr: Trainer, x, y, device) -> float | None:
+    """Bytes at the peak of one step: CUDA's allocator peak, or on a CPU resting state + the step's RSS rise."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        tr.step(x, y)
+        sync(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: the step's rise is its own
+        base = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        tr.step(x, y)
+        return (_status_kb("VmHWM") - base) * 1024 + resting_bytes(tr)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def batches_for(arch, tokens, n, rng):
+    """n batches of `tokens` tokens: documents of the longest length (513 tokens, as the seed's data)."""
+    L = min(arch.positional_encoding_max_pos, 513)
+    docs = max(1, tokens // L)
+    out = []
+    for _ in range(n):
+        t = rng.integers(0, VOCAB_SIZE - 1, size=(docs, L), dtype=np.uint16)
+        t[:, 0] = EOT
+        out.append(inputs_and_targets(t))
+    return out
+
+
+def native_dtypes(device, peaks) -> dict[str, str]:
+    """dtype -> 'native' or why it is not (emulated, unsupported)."""
+    out = {"float32": "native"}
+    if device.type == "cuda":
+        out["bfloat16"] = ("native" if torch.cuda.is_bf16_supported(including_emulation=False)
+                           else "emulated (no bfloat16 tensor cores)")
+        out["float16"] = "native"
+        return out
+    # torch's report, confirmed by the matmul being faster than float32 at all: an emulated one is 10-100x
+    # slower, while a native one's lead shrinks to ~1.2x on a busy machine
+    fast = lambda dt: peaks.get(dt, 0) > peaks["float32"]  # noqa: E731
+    out["bfloat16"] = ("native" if cpu_bf16_reported() and fast("bfloat16") else
+                       f"emulated (matmul {peaks.get('bfloat16', 0) / 1e9:.1f} against {peaks['float32'] / 1e9:.1f} "
+                       f"GFLOP/s in float32)")
+    out["float16"] = ("native" if fast("float16") else
+                      f"emulated (matmul {peaks.get('float16', 0) / 1e9:.1f} GFLOP/s)")
+    return out
+
+
+def machine_line(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    model = platform.processor() or platform.machine()
+    flags = set()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags]
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+           if k in os.environ}
+    emulated = f"; EMULATING {env}" if env else ""
+    return (f"{model}, {physical_cores()} physical cores, {torch.get_num_threads()} threads, flags "
+            f"{' '.join(isa)}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}{emulated}")
+
+
+def parse_shapes(text, default_arch, default_tokens):
+    out = []
+    for item in text.split(","):
+        name, _, tokens = item.partition("@")
+        arch = {"default": default_arch, "gpt2-small": Architecture()}.get(name)
+        if arch is None:
+            raise SystemExit(f"--shapes: {name!r} is not one of default, gpt2-small (optionally @TOKENS)")
+        out.append((name, arch, int(tokens) if tokens else default_tokens))
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ini", default="config.ini", help="the default config (its [architecture] and batch size)")
-    p.add_argument("--models", default="default,gpt2-small")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--shapes", default="default,gpt2-small",
+                   help="default and/or gpt2-small, each optionally @TOKENS per batch (default: the config's "
+                        "max_num_of_tokens_in_batch, rounded down to whole 513-token documents)")
+    p.add_argument("--dtypes", default="native", help="native (every dtype the device runs natively) or a list")
+    p.add_argument("--compile", default="both", choices=("eager", "compiled", "both"))
+    p.add_argument("--trainers", default=",".join(TRAINERS))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--steps", type=int, default=0, help="timed steps per model (0: 3 for GPT-2 small on CPU, 20 else)")
-    p.add_argument("--accumulate", default="1", help="batches per optimizer step, e.g. 1,4 (each is timed)")
-    p.add_argument("--split", default=None, help="a train.json: time the default model on its real batches")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the physical cores)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per trainer per round (0: 1 for GPT-2 small "
+                                                        "on a CPU, 3 else)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; tokens/s is their median")
+    p.add_argument("--warmup", type=int, default=0, help="untimed steps first (0: 1 eager, 2 compiled)")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
-    torch.set_num_threads(a.threads or os.cpu_count())
+    if device.type == "cuda":  # as model/train.py: TF32 for float32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.set_num_threads(a.threads or physical_cores())
     settings = load_settings(a.ini)
-    budget = settings.preprocessing.max_num_of_tokens_in_batch
     start = settings.train.start_predicting_from_what_token
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"# bench/train.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-          f"device {device} ({machine}), compile={a.compile}")
+    shapes = parse_shapes(a.shapes, settings.architecture, settings.preprocessing.max_num_of_tokens_in_batch)
+    trainers = a.trainers.split(",")
+    modes = {"eager": [False], "compiled": [True], "both": [False, True]}[a.compile]
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = "not installed"
+        trainers = [t for t in trainers if t != "hf"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    print(f"# bench/train.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, "
+          f"torch {torch.__version__}, transformers {hf_version}")
+    print(f"# device {device}: {machine_line(device)}")
 
-    peaks = {}
-    for dt in a.dtypes.split(","):
-        peaks[dt] = matmul_peak(device, DTYPES[dt])
-        print(f"matmul peak {dt:9s} {peaks[dt] / 1e9:9.1f} GFLOP/s")
-    best_peak = max(peaks.values())
+    asked = list(DTYPES) if a.dtypes == "native" else a.dtypes.split(",")
+    # float32 always: the yardstick that tells an emulated dtype
+    peaks = {"float32": matmul_peak(device, torch.float32)}
+    peaks.update({dt: matmul_peak(device, DTYPES[dt], yardstick=peaks["float32"]) for dt in asked if dt != "float32"})
+    status = native_dtypes(device, peaks)
+    dtypes = [dt for dt in asked if a.dtypes != "native" or status[dt] == "native"]
+    for dt in asked:
+        sheet = datasheet_peak(device, dt)
+        note = f", datasheet {sheet / 1e12:.0f} TFLOP/s" if sheet else ""
+        run = "" if dt in dtypes else ": skipped"
+        print(f"# matmul peak {dt:9s} {peaks[dt] / 1e9:10.1f} GFLOP/s measured{note} ({status[dt]}){run}")
 
-    models = {"default": settings.architecture, "gpt2-small": Architecture()}
     rng = np.random.default_rng(0)
     rows = []
-    for name in a.models.split(","):
-        arch = models[name]
-        small_cpu = name == "gpt2-small" and device.type == "cpu"
-        steps = a.steps or (3 if small_cpu else 20)
-        warmup = 1 if small_cpu else 3
-        if a.split and name == "default":
-            batches = list(split_batches(a.split, steps + warmup, rng))
-        else:
-            batches = list(synthetic_batches(arch, budget, steps + warmup, rng))
-        for dt, acc in [(dt, int(k)) for dt in a.dtypes.split(",") for k in a.accumulate.split(",")]:
-            warm = warmup if acc == 1 else acc  # warm-up: one whole optimizer step
-            n = warm + max(steps, acc) // acc * acc  # then whole optimizer steps
-            batches_k = (batches * (n // len(batches) + 1))[:n]
-            r = bench_model(name, arch, dt, device, batches_k, start, a.compile, warm, sys.stdout, acc)
-            r["mfu"] = r["model_flops_per_s"] / peaks[dt]
-            r["mfu_best_peak"] = r["model_flops_per_s"] / best_peak
-            rows.append(r)
-            print(f"{name:10s} {dt:9s} x{acc} params {r['params'] / 1e6:7.2f} M  {r['tokens_per_step']:6.0f} tok/batch  "
-                  f"{r['step_s'] * 1e3:8.1f} ms/batch  {r['tokens_per_s']:9.0f} tok/s  "
-                  f"{r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  MFU {100 * r['mfu']:5.1f}% of the {dt} peak, "
-                  f"{100 * r['mfu_best_peak']:5.1f}% of the best peak", flush=True)
+    print(f"\n{'shape':18s} {'dtype':9s} {'mode':8s} {'trainer':8s} {'tok/s':>9s} {'MFU':>7s} {'MFU sheet':>9s} "
+          f"{'peak MB':>8s} {'project/this':>12s}")
+    with keep_freed_memory():  # model/train.py's allocator setting, for every trainer alike
+        for shape, arch, tokens in shapes:
+            n_params = GPT(arch).num_params() - arch.positional_encoding_max_pos * arch.d_model
+            small_cpu = shape == "gpt2-small" and device.type == "cpu"
+            steps = a.steps or (1 if small_cpu else 3)
+            batches = batches_for(arch, tokens, 4, rng)
+            batches = [(x.to(device), y.to(device)) for x, y in batches]
+            for dt in dtypes:
+                emulated = status[dt] != "native"
+                peak = max(peaks[dt], peaks["float32"]) if emulated else peaks[dt]
+                for compiled in modes:
+                    mode = "compiled" if compiled else "eager"
+                    built = {name: build(name, arch, device, dt, compiled, start) for name in trainers}
+                    warm = a.warmup or (2 if compiled else 1)
+                    for tr in built.values():
+                        for i in range(warm):
+                            tr.step(*batches[i % len(batches)])
+                    sync(device)
+                    speed = {name: [] for name in built}
+                    for r in range(a.rounds):
+                        order = trainers[r % len(trainers):] + trainers[:r % len(trainers)]
+                        for name in order:
+                            t0 = time.perf_counter()
+                            n_tok = 0
+                            for i in range(steps):
+                                x, y = batches[(r * steps + i) % len(batches)]
+                                built[name].step(x, y)
+                                n_tok += x.numel()
+                            sync(device)
+                            speed[name].append(n_tok / (time.perf_counter() - t0))
+                    for name in trainers:
+                        tps = statistics.median(speed[name])
+                        mem = peak_memory(built[name], *batches[0], device)
+                        mfu = 6 * n_params * tps / peak
+                        sheet = datasheet_peak(device, dt)
+                        row = dict(shape=f"{shape}@{batches[0][0].numel()}",
+                                   dtype=dt + (" (emulated)" if emulated else ""), mode=mode, trainer=name, tokens_per_s=tps, mfu=mfu,
+                                   mfu_sheet=6 * n_params * tps / sheet if sheet else None, peak_bytes=mem,
+                                   rounds=speed[name])
+                        rows.append(row)
+                        ratio = statistics.median(speed["project"]) / tps if "project" in speed else float("nan")
+                        # above 100%: the peak was measured while the machine was busier than during the steps
+                        mfu_s = f"{100 * mfu:6.1f}%" if mfu <= 1 else "  >100%"
+                        sheet_s = f"{100 * row['mfu_sheet']:8.1f}%" if sheet else "        -"
+                        mem_s = f"{mem / 2**20:8.0f}" if mem else "       -"
+                        print(f"{row['shape']:18s} {row['dtype']:9s} {mode:8s} {name:8s} {tps:9.0f} {mfu_s} "
+                              f"{sheet_s} {mem_s} {ratio:11.2f}x", flush=True)
+                    del built
+                    gc.collect()
+                    torch._dynamo.reset()
+    summary(rows, trainers)
     return rows
+
+
+def summary(rows, trainers):
+    """Each trainer at its best of eager and compiled, and project / reference."""
+    if "project" not in trainers or len(trainers) < 2:
+        return
+    print("\nbest of eager/compiled per trainer; ratio = project tok/s / reference tok/s")
+    keys = list(dict.fromkeys((r["shape"], r["dtype"]) for r in rows))  # in the order they ran
+    for shape, dt in keys:
+        best = {}
+        for r in rows:
+            if (r["shape"], r["dtype"]) == (shape, dt):
+                if r["trainer"] not in best or r["tokens_per_s"] > best[r["trainer"]]["tokens_per_s"]:
+                    best[r["trainer"]] = r
+        proj = best["project"]
+        mfu = f"{100 * proj['mfu']:.1f}%" if proj["mfu"] <= 1 else ">100%: peak measured low"
+        parts = [f"project {proj['tokens_per_s']:.0f} tok/s ({proj['mode']}, MFU {mfu})"]
+        for name in trainers[1:]:
+            if name in best:
+                ref = best[name]
+                mem = (f", memory {proj['peak_bytes'] / ref['peak_bytes']:.2f}x"
+                       if proj["peak_bytes"] and ref["peak_bytes"] else "")
+                parts.append(f"{name} {ref['tokens_per_s']:.0f} ({ref['mode']}): "
+                             f"{proj['tokens_per_s'] / ref['tokens_per_s']:.2f}x{mem}")
+        print(f"{shape:18s} {dt:9s} " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,43 @@ from model.signals import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopRequest
 # ---------------------------------------------------------------------------------------------------------
 # The training loop
 
+def physical_cores() -> int:
+    """Physical CPU cores available to this process: a second hyperthread of a core adds no matmul units, and
+    torch's threads on both contend for them (os.cpu_count() counts logical CPUs)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add(siblings)
+    return max(1, len(cores))
+
+
+class CompiledOrEager(nn.Module):
+    """torch.compile(model), or the model itself where compiling fails (no C++ compiler for the CPU backend,
+    an operator inductor cannot lower): the first call tries the compiled model, and an error there is
+    logged and the run goes on eagerly instead of dying after its set-up."""
+
+    def __init__(self, model: nn.Module, log=None):
+        super().__init__()
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=True)  # every batch has its own (n, seq_len)
+        self.log = log or sys.stderr
+
+    def forward(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 (any compiler failure; a real error recurs eagerly below)
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                print(f"warning: torch.compile failed ({type(e).__name__}: {first}); training without it",
+                      file=self.log, flush=True)
+                self.compiled = None
+        return self.model(*args)
+
+
 @contextlib.contextmanager
 def keep_freed_memory():
     """glibc hands every large free()d block (the logits, 100s of MB) back to the OS, and the next step pays
@@ -86,7 +123,8 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
         torch.backends.cudnn.allow_tf32 = True
     if d.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    n_threads = t.threads or max(1, (threads or os.cpu_count() or 1) // (d.world if device.type == "cpu" else 1))
+    cores = min(threads or physical_cores(), physical_cores())
+    n_threads = t.threads or max(1, cores // (d.world if device.type == "cpu" else 1))
     torch.set_num_threads(n_threads)
     precision = choose_precision(t.dtype, device, d, log)
 
@@ -181,8 +219,8 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         say(f"starting run {run_dir} (no checkpoint yet)")
 
     model = LossModel(gpt)
-    if t.compile:
-        model = torch.compile(model, dynamic=True)  # every batch has its own (n, seq_len)
+    if t.compile.lower() == "true" or (t.compile.lower() == "auto" and device.type == "cuda"):
+        model = CompiledOrEager(model, log)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model_plain = LossModel(gpt)  # validation: no DDP hooks, no compile
@@ -236,6 +274,8 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(mine):
             x, y = inputs_and_targets(data.tokens(c, b))
+            if device.type == "cuda":  # from pinned memory the copy is asynchronous: it overlaps the last step's work
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = i == len(mine) - 1 or d.world == 1
             with model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext():
@@ -363,7 +403,7 @@ def run_torchrun(settings: Settings, argv: list[str], threads: int, log) -> int:
     """[train] nproc_per_node > 1: torchrun with that many processes; a stop signal that reaches this process
     goes on to torchrun as SIGTERM, which passes it to every rank (torchrun does not pass on SIGUSR1)."""
     n = settings.train.nproc_per_node
-    per_proc = settings.train.threads or max(1, (threads or os.cpu_count() or 1) // n)
+    per_proc = settings.train.threads or max(1, min(threads or physical_cores(), physical_cores()) // n)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "model.train", *argv, "--threads", str(per_proc * n)]
     print(" ".join(cmd), file=log, flush=True)

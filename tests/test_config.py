@@ -128,3 +128,10 @@ def test_same_chunk_twice_is_an_error(tmp_path):
     (tmp_path / "00.jsonl.zst").write_text("")
     with pytest.raises(ConfigError, match="chunk '00' is there twice"):
         discover_chunks(tmp_path)
+
+
+def test_compile_is_auto_true_or_false(tmp_path):
+    assert load_settings(ini_with(tmp_path, ("compile", "auto"))).train.compile == "auto"
+    assert load_settings(ini_with(tmp_path, ("compile", "true"))).train.compile == "true"
+    assert "[train] compile: 'sometimes' is not one of auto, true, false" in \
+        error_of(ini_with(tmp_path, ("compile", "sometimes")))

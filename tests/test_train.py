@@ -106,18 +106,6 @@ def test_loss_ignores_positions_before_start_predicting_from_what_token():
         assert model(x, y, 0).item() != pytest.approx(ref.item(), rel=1e-3)
 
 
-def test_fused_cpu_cross_entropy_matches_autograds_loss_and_gradients():
-    torch.manual_seed(0)
-    h = torch.randn(150, 16, requires_grad=True)  # 150 rows: more than one block of ROWS
-    w = (0.3 * torch.randn(1000, 16)).requires_grad_()
-    y = torch.randint(0, 1000, (150,))
-    fused = L.LinearCrossEntropy.apply(h, w, y)
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="sum")
-    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
-    for a, b in zip(torch.autograd.grad(fused * 0.3, (h, w)), torch.autograd.grad(ref * 0.3, (h, w))):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
 def test_data_order_is_shuffled_seeded_per_epoch_and_chunk():
     shape = np.array([[4, 30]] * 50)
     a = D.batch_order(1337, 0, 0, shape, start=8)
@@ -149,6 +137,50 @@ def test_weight_decay_only_on_two_dimensional_weights():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(gpt.parameters()))
     everything = O.make_optimizer(gpt, Train(weight_decay=0.1, weight_decay_all_parameters=True), torch.device("cpu"))
     assert [len(g["params"]) for g in everything.param_groups] == [len(list(gpt.parameters())), 0]
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_loop():
+    gpt = GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=16))
+    opt = O.make_optimizer(gpt, Train(max_lr=1e-2, warmup_steps=0), torch.device("cpu"))
+    assert all(g["fused"] for g in opt.param_groups)
+    twin = GPT(gpt.arch)
+    twin.load_state_dict(gpt.state_dict())
+    loop = torch.optim.AdamW([{"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": 0.01},
+                              {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=opt.param_groups[0]["lr"], foreach=False)
+    for model, o in ((gpt, opt), (twin, loop)):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        o.step()
+    for a, b in zip(gpt.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_that_fails_to_compile_trains_eagerly_with_one_warning(monkeypatch):
+    import io
+
+    def broken_compile(model, **kw):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    gpt = GPT(Architecture(N=1, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=16))
+    log = io.StringIO()
+    model = T.CompiledOrEager(L.LossModel(gpt), log)
+    x, y = torch.randint(0, 1000, (2, 10)), torch.randint(0, 1000, (2, 10))
+    assert model(x, y, 2).item() == L.LossModel(gpt)(x, y, 2).item()
+    model(x, y, 2)
+    assert log.getvalue().count("warning: torch.compile failed") == 1
+    assert "no working C++ compiler found); training without it" in log.getvalue()
+
+
+def test_threads_default_to_physical_cores_not_hyperthreads(monkeypatch):
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}  # 2 cores, 2 hyperthreads each
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(T.Path, "read_text", lambda self: siblings[int(self.parts[-3][3:])] + "\n")
+    assert T.physical_cores() == 2
 
 
 # --- a whole (tiny) run ------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""The chunked output layer + cross-entropy (model/loss.py) against F.cross_entropy on the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import loss as L
+from model.gpt import GPT
+from pipeline.config import Architecture
+
+VOCAB = 1000
+
+
+def case(tokens=150, d=16, padded=1024, ignored=0, seed=0):
+    """Hidden states, a padded output weight (rows past VOCAB are padding) and targets; the first `ignored`
+    targets are -100."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, d, generator=g).requires_grad_()
+    w = (0.3 * torch.randn(padded, d, generator=g)).requires_grad_()
+    y = torch.randint(0, VOCAB, (tokens,), generator=g)
+    y[:ignored] = L.IGNORE
+    return h, w, y
+
+
+def reference(h, w, y):
+    return F.cross_entropy(h @ w[:VOCAB].t(), y, reduction="sum", ignore_index=L.IGNORE)
+
+
+@pytest.mark.parametrize("ignored", [0, 7])
+@pytest.mark.parametrize("rows", [16, 64, 1000])  # several chunks with a ragged last one; one chunk
+def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy_in_float32(rows, ignored):
+    h, w, y = case(ignored=ignored)
+    chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=rows)
+    ref = reference(h, w, y)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, ref, rtol=2e-6, atol=0)
+    # an upstream gradient other than 1, as a mean or a grad scaler gives
+    got = torch.autograd.grad(chunked * 0.37, (h, w))
+    want = torch.autograd.grad(ref * 0.37, (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[1][VOCAB:].abs().max() == 0  # padding rows are never scored
+    if ignored:
+        assert got[0][:ignored].abs().max() == 0
+
+
+def test_ignored_targets_change_nothing():
+    h, w, y = case(ignored=5)
+    y2 = y.clone()
+    y2[:5] = -1  # any negative target is ignored
+    assert L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16).item() == \
+        L.linear_cross_entropy(h, w, y2, vocab=VOCAB, rows=16).item()
+    h3, w3, y3 = h[5:].detach(), w, y[5:]
+    assert L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16).item() == pytest.approx(
+        L.linear_cross_entropy(h3, w3, y3, vocab=VOCAB, rows=16).item(), rel=1e-6)
+
+
+def test_under_bfloat16_autocast_the_loss_is_the_autocast_reference_within_bfloat16_round_off():
+    h, w, y = case(tokens=96, d=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=32)
+        ref = reference(h, w, y)
+    exact = reference(h, w, y)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, ref.float(), rtol=1e-2, atol=0)
+    torch.testing.assert_close(chunked, exact, rtol=1e-2, atol=0)
+    got = torch.autograd.grad(chunked, (h, w))
+    want = torch.autograd.grad(exact, (h, w))
+    assert got[0].dtype == h.dtype and got[1].dtype == w.dtype  # gradients in the parameters' dtype
+    for a, b in zip(got, want):
+        assert (a - b).norm() <= 0.02 * b.norm()
+
+
+def test_token_nll_chunked_is_the_per_token_cross_entropy_and_0_at_ignored_targets():
+    h, w, y = case(tokens=2 * 75, ignored=3)
+    nll = L.token_nll_chunked(h.view(2, 75, -1), w, y.view(2, 75), vocab=VOCAB, rows=16)
+    assert nll.shape == (2, 75) and nll.dtype == torch.float32 and not nll.requires_grad
+    ref = F.cross_entropy(h @ w[:VOCAB].t(), y, reduction="none", ignore_index=L.IGNORE).view(2, 75)
+    torch.testing.assert_close(nll, ref.detach(), rtol=2e-6, atol=1e-6)
+    assert nll.view(-1)[:3].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_no_grad_forward_stores_no_gradients():
+    h, w, y = case()
+    with torch.no_grad():
+        loss = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16)
+    assert loss.item() == pytest.approx(reference(h, w, y).item(), rel=2e-6)
+
+
+def test_chunk_rows_fit_the_device():
+    assert L.chunk_rows(torch.device("cpu"), 64) == 64
+    assert L.chunk_rows(torch.device("cpu"), 768) == 256
+    assert L.chunk_rows(torch.device("cpu"), 64, torch.bfloat16) == 1024
+    assert L.chunk_rows(torch.device("cuda"), 768) == 2048
+
+
+TINY = Architecture(N=2, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=24)
+
+
+class FullLogits(torch.nn.Module):
+    """The textbook objective: the whole logit matrix, then F.cross_entropy."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x, y, start):
+        logits = self.gpt(x)[:, start:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, start:].reshape(-1), reduction="sum")
+
+
+def test_training_with_the_chunked_loss_gives_the_full_logits_weights_within_float32_round_off():
+    weights = []
+    for objective in (L.LossModel, FullLogits):
+        torch.manual_seed(0)
+        gpt = GPT(TINY, P_drop=0.0)
+        model = objective(gpt)
+        initial = {k: v.clone() for k, v in gpt.state_dict().items()}
+        # SGD: Adam divides by sqrt(v), which blows a near-zero gradient's round-off up to a whole step
+        opt = torch.optim.SGD(gpt.parameters(), lr=1.0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randint(0, 50257, (3, 20), generator=g)
+            y = torch.randint(0, 50257, (3, 20), generator=g)
+            loss = model(x, y, 4) / (3 * 16)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        weights.append({k: v.clone() for k, v in gpt.state_dict().items()})
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(weights[0]["transformer.wte.weight"], initial["transformer.wte.weight"])
