@@ -171,7 +171,7 @@ rule evaluate:
     input:
         model=rules.train.output[0],
         val=rules.split.output.val,
-        code=MODEL_CODE + source("model/evaluate.py", "pipeline/tokenizer.py"),  # bytes per token, for bits per byte
+        code=MODEL_CODE + source("model/evaluate.py", "model/loss.py", "pipeline/tokenizer.py"),  # bytes per token, for bits per byte
     output:
         json=f"{RESULTS}/perplexity.json",
         table=f"{RESULTS}/perplexity.md",

@@ -41,12 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import EOT, PILE_SET_NAMES, VOCAB_SIZE
+from pipeline.config import EOT, PILE_SET_NAMES
 from pipeline.io import atomic_output, log_file, progress, write_json
 from pipeline.shards import ShardReader
 from pipeline.tokenizer import token_byte_lengths
 
 from model.device import autocast, resolve_device, resolve_precision, set_threads
+from model.loss import token_nll_chunked
 
 BYTES_NOTE = (
     "bits_per_byte divides the NLL of the predicted tokens (in nats, / ln 2) by the UTF-8 bytes those "
@@ -94,14 +95,14 @@ def token_nll(model, tokens: np.ndarray, device: torch.device, dtype: str = "flo
     idx = torch.from_numpy(tokens.astype(np.int64)).to(device)
     tgt = torch.from_numpy(targets_of(tokens).astype(np.int64)).to(device)
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
-        # the blocks under autocast, the output layer in float32: bfloat16 logits (3 significant digits)
-        # would blur the log-probabilities this function exists to measure
+        # the blocks under autocast, the output layer in float32 (bfloat16 logits, 3 significant digits, would
+        # blur the log-probabilities this function exists to measure), chunk by chunk of tokens: never the
+        # (tokens x 50,257) logit matrix
         with autocast(device, dtype):
             hidden = model.hidden_states(idx)
-        logits = F.linear(hidden.float(), model.lm_head.weight[:VOCAB_SIZE].float())
-    else:
-        with autocast(device, dtype):
-            logits = model(idx)
+        return token_nll_chunked(hidden.float(), model.lm_head.weight.float(), tgt).double().cpu().numpy()
+    with autocast(device, dtype):
+        logits = model(idx)
     out = torch.empty(idx.shape, dtype=torch.float64)
     # one document at a time: a float32 log-softmax of the whole batch would double the logits' memory
     for r in range(idx.shape[0]):
