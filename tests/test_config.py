@@ -103,7 +103,7 @@ def test_too_few_train_chunks(tmp_path):
     (tmp_path / "data").mkdir()
     for stem in ("00", "val"):
         (tmp_path / "data" / f"{stem}.jsonl").write_text("")
-    ini = ini_with(tmp_path, ("path_to_original_data", tmp_path / "data"))
+    ini = ini_with(tmp_path, ("path_to_original_data", tmp_path / "data"), ("num_of_chunks_to_use", 2))
     with pytest.raises(ConfigError, match=r"\[train\] num_of_chunks_to_use: 2, but .* has only 1 chunks"):
         select_chunks(load_settings(ini))
 
@@ -112,7 +112,7 @@ def test_chunks_sorted_by_stem_and_only_the_used_ones(tmp_path):
     for name in ("10.jsonl", "02.jsonl.zst", "val.jsonl.zst", "01.jsonl", "notes.txt"):
         (tmp_path / name).write_text("")
     assert list(discover_chunks(tmp_path)) == ["01", "02", "10", "val"]
-    ini = ini_with(tmp_path, ("path_to_original_data", tmp_path))
+    ini = ini_with(tmp_path, ("path_to_original_data", tmp_path), ("num_of_chunks_to_use", 2))
     train, val, paths = select_chunks(load_settings(ini))
     assert (train, val, sorted(paths)) == (["01", "02"], "val", ["01", "02", "val"])
 

@@ -25,10 +25,12 @@ STAGE_FILES = {"filter": "filtered/{}.parquet", "tokenize": "tokenized/{}.parque
 
 
 def copy_workflow(folder: Path, docs_per_chunk: int = 200) -> Path:
-    """A copy of the workflow with a small corpus, and config.ini pointing at it."""
+    """A copy of the workflow with a small corpus, and config.ini pointing at it; it trains on both numbered
+    chunks of the sample corpus (config.ini trains on one), so that two train chunks go through every stage."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.ini"):
         shutil.copy(ROOT / name, folder / name)
+    edit(folder / "config.ini", "num_of_chunks_to_use = 1", "num_of_chunks_to_use = 2")
     for package in ("pipeline", "model", "report"):
         if (ROOT / package).exists():
             shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
