@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -150,6 +152,10 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
     finally:
         lock.release()
         if d.world > 1 and dist.is_initialized():
+            exc = sys.exc_info()[1]
+            if exc is not None:  # a stop or an error: its traceback's frames still hold the DDP wrapper, whose
+                traceback.clear_frames(exc.__traceback__)  # teardown after the process group's can hang
+                gc.collect()
             dist.destroy_process_group()
 
 
