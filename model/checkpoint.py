@@ -102,6 +102,17 @@ def load_model(path, map_location="cpu", expected_arch: Architecture | None = No
     return model, arch, meta
 
 
+def hf_folder_of(source) -> Path | None:
+    """The folder `source` names (a local folder, or a hub id's snapshot in the local Hugging Face cache), or
+    None: a file, or nothing at all."""
+    from model import hf
+
+    path = Path(source)
+    if path.is_dir():
+        return path
+    return None if path.exists() else hf.hub_cache_folder(str(source))
+
+
 def load_gpt(source, map_location="cpu", expected_arch: Architecture | None = None):
     """(GPT in eval mode, its Architecture, meta) from any model this project can use:
 
@@ -117,13 +128,12 @@ def load_gpt(source, map_location="cpu", expected_arch: Architecture | None = No
     from model import hf
 
     path = Path(source)
-    cached = None if path.exists() else hf.hub_cache_folder(str(source))
-    if path.is_dir() or cached is not None:
-        folder = path if cached is None else cached
+    folder = hf_folder_of(source)
+    if folder is not None:
         if not hf.is_hf_folder(folder):
             raise ModelFileError(f"{folder}: a folder without config.json, so not a Hugging Face model folder")
         model, arch, meta = hf.load_hf_folder(folder, map_location)
-        if cached is not None:
+        if folder != path:  # found in the local cache
             meta["hub_id"] = str(source)
     elif not path.exists() and hf.could_be_hub_id(str(source)):
         raise ModelFileError(f"{path}: no such file or folder, nor a Hugging Face hub id in the local cache "

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from pipeline.config import Settings, as_plain_dict
-from model.checkpoint import ModelFileError
+from model.checkpoint import ModelFileError, hf_folder_of
 from pipeline.io import sha256_file
 
 # [train] keys that do not change the trained weights: editing them resumes the same run.
@@ -40,10 +40,8 @@ def run_fingerprint(settings: Settings, train_manifest) -> dict:
 
 def init_from_files(source: str) -> list[Path]:
     """The files that hold [train] init_from's weights (a .pt; a folder's config.json and *.safetensors)."""
-    from model import hf
-
     path = Path(source)
-    folder = path if path.is_dir() else (None if path.exists() else hf.hub_cache_folder(source))
+    folder = hf_folder_of(source)
     if folder is None:
         if not path.is_file():
             raise ModelFileError(f"[train] init_from = {source}: no such file or folder, nor a Hugging Face hub id "
