@@ -125,7 +125,8 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
         torch.backends.cudnn.allow_tf32 = True
     if d.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    cores = min(threads or physical_cores(), physical_cores())
+    cores = physical_cores()
+    cores = min(threads or cores, cores)
     n_threads = t.threads or max(1, cores // (d.world if device.type == "cpu" else 1))
     torch.set_num_threads(n_threads)
     precision = choose_precision(t.dtype, device, d, log)
