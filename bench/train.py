@@ -199,11 +199,7 @@ def build(name, arch, device, dtype, compiled, start) -> Trainer:
             with amp():
                 nll = model(x, y, start)
             scaler.scale(nll * (1.0 / y[:, start:].numel())).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            clip_and_update(scaler, opt, gpt)
         return Trainer(name, step, gpt, opt)
 
     net = (hf_gpt2(arch) if name == "hf" else PlainGPT(arch)).to(device)
@@ -216,12 +212,17 @@ def build(name, arch, device, dtype, compiled, start) -> Trainer:
             logits = out.logits if name == "hf" else out
             loss = F.cross_entropy(logits[:, start:].reshape(-1, logits.shape[-1]), y[:, start:].reshape(-1))
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        clip_and_update(scaler, opt, net)
     return Trainer(name, step, net, opt)
+
+
+def clip_and_update(scaler, opt, model) -> None:
+    """The end of every trainer's step, the same on each side: gradient norm clipped to 1, AdamW, zeroed."""
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
 
 
 def resting_bytes(tr: Trainer) -> int:
