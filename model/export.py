@@ -3,7 +3,8 @@
     python -m model.export --model checkpoints/final.pt --out results/hf     # any .pt, HF folder or hub id
     snakemake --cores 2 export                                              # {results_dir}/hf and lm_eval/
 
-The folder loads offline with `GPT2LMHeadModel.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`:
+The folder loads offline, from disk only, with `GPT2LMHeadModel.from_pretrained(dir, local_files_only=True)` and
+`AutoTokenizer.from_pretrained(dir, local_files_only=True)`:
 
     config.json              GPT2LMHeadModel's config for [architecture] (model/hf.py)
     model.safetensors        the weights in GPT2LMHeadModel's layout (model/hf.py)
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     except (ConfigError, ModelFileError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
+    print(f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({str(args.out)!r}, local_files_only=True)")
     return 0
 
 
