@@ -10,7 +10,8 @@ shapes, in the same run, in interleaved rounds.
                                                  # an AVX2-only CPU, emulated on an AVX-512 one (all three needed)
 
 Trainers, each taking the same batches: forward, backward, gradient norm clipped to 1, one AdamW step.
-  project  model/gpt.py, model/loss.py's chunked loss, model/optim.py's AdamW, model/train.py's compile
+  project  model/gpt.py, model/loss.py's chunked loss (compiled: with its fused softmax kernel), model/optim.py's
+           AdamW, model/train.py's compile
   hf       transformers' GPT2LMHeadModel (attn_implementation="sdpa"), torch.optim.AdamW, F.cross_entropy on
            the full logits
   plain    a textbook GPT-2 written below: nn.Linear, SDPA, tied weights, full logits, F.cross_entropy,
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.device import cpu_bf16_reported  # noqa: E402
+from model.device import cpu_bf16_reported, no_cudnn_attention  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.loss import LossModel, inputs_and_targets  # noqa: E402
 from model.optim import make_optimizer  # noqa: E402
@@ -189,7 +190,7 @@ def build(name, arch, device, dtype, compiled, start) -> Trainer:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     if name == "project":  # model/train.py's train_step, one batch per optimizer step
         gpt = GPT(arch, P_drop=0.0).to(device)
-        model = LossModel(gpt)
+        model = LossModel(gpt, fused_loss=compiled)
         model = CompiledOrEager(model) if compiled else model
         opt = make_optimizer(gpt, Train(max_lr=LR, warmup_steps=0), device)
         for g in opt.param_groups:
@@ -341,9 +342,10 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
-    if device.type == "cuda":  # as model/train.py: TF32 for float32 matmuls
+    if device.type == "cuda":  # as model/train.py, for every trainer: TF32 for float32 matmuls, no cuDNN attention
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        no_cudnn_attention()
     torch.set_num_threads(a.threads or physical_cores())
     settings = load_settings(a.ini)
     start = settings.train.start_predicting_from_what_token

@@ -21,6 +21,8 @@ pass over its logits (an online logsumexp first), and the row chunk already boun
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -73,6 +75,40 @@ def _chunk(h_c, w, y_c):
     return e, s, m + s.log(), target
 
 
+def _softmax_terms(logits, y):
+    """(softmax - onehot(y), zeroed where y < 0, in the logits' dtype; logsumexp; the target logit) of a
+    chunk's logits, as one expression for torch.compile: it becomes two passes over the logits (a row's max
+    and sum of exps, then p) where the eager _chunk takes six, which on a GPU are most of the loss's time."""
+    z = logits.float()
+    m = z.amax(dim=1, keepdim=True)
+    e = torch.exp(z - m)
+    s = e.sum(dim=1, keepdim=True)
+    target = z.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]  # y < 0 matches no column
+    p = (e / s - onehot.float()).masked_fill((y < 0)[:, None], 0.0)
+    return p.to(logits.dtype), (m + s.log())[:, 0], target
+
+
+_fused = {"fn": None, "failed": False}
+
+
+def fused_softmax_terms(logits, y):
+    """_softmax_terms compiled (once, for any chunk shape), or None where compiling fails (no C++ compiler
+    for the CPU backend, say): then the eager path runs, after one warning."""
+    if _fused["failed"]:
+        return None
+    if _fused["fn"] is None:
+        _fused["fn"] = torch.compile(_softmax_terms, dynamic=True, fullgraph=True)
+    try:
+        return _fused["fn"](logits, y)
+    except Exception as e:  # noqa: BLE001 (any compiler failure: the eager path computes the same)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        warnings.warn(f"the fused loss kernel failed to compile ({type(e).__name__}: {first}); "
+                      f"using the eager one", stacklevel=2)
+        _fused["failed"] = True
+        return None
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i -log softmax(h_i W[:vocab]^T)[y_i] over the rows i with y_i >= 0, chunk by chunk (see the module).
 
@@ -81,7 +117,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.compiler.disable  # a Python loop over chunks: torch.compile graphs the model around it
-    def forward(ctx, h, weight, y, vocab, rows):
+    def forward(ctx, h, weight, y, vocab, rows, fused=False):
         device = h.device
         dtype = _compute_dtype(device, h.dtype)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -95,18 +131,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             any_ignored = bool(ignored.any())
             for a in range(0, h.shape[0], rows):
                 h_c, y_c = hd[a:a + rows], y[a:a + rows]
-                e, s, lse, target = _chunk(h_c, w, y_c)
+                terms = fused_softmax_terms(h_c @ w.t(), y_c) if (fused and need_grad) else None
+                if terms is not None:
+                    p, lse, target = terms
+                else:
+                    e, s, lse, target = _chunk(h_c, w, y_c)
                 nll = lse - target
                 if any_ignored:
                     nll = nll.masked_fill(ignored[a:a + rows], 0.0)
                 loss += nll.sum()
                 if not need_grad:
                     continue
-                p = e.mul_(s.reciprocal()[:, None])  # softmax, in place: the chunk's only tokens x vocab buffer
-                p[torch.arange(len(y_c), device=device), y_c.clamp(min=0)] -= 1.0
-                if any_ignored:
-                    p.masked_fill_(ignored[a:a + rows, None], 0.0)
-                p = p.to(dtype)
+                if terms is None:
+                    p = e.mul_(s.reciprocal()[:, None])  # softmax, in place: the chunk's only tokens x vocab buffer
+                    p[torch.arange(len(y_c), device=device), y_c.clamp(min=0)] -= 1.0
+                    if any_ignored:
+                        p.masked_fill_(ignored[a:a + rows, None], 0.0)
+                    p = p.to(dtype)
                 grad_h[a:a + rows] = p @ w
                 if dtype == torch.float32:
                     grad_w[:vocab].addmm_(p.t(), h_c)
@@ -121,17 +162,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # d(grad * loss)/dh = grad * dloss/dh: the forward's gradients, scaled in place (no logits recomputed;
         # the graph is not meant to be walked twice, as after every training loss)
-        return grad_h.mul_(grad).to(ctx.dtypes[0]), grad_w.mul_(grad).to(ctx.dtypes[1]), None, None, None
+        return grad_h.mul_(grad).to(ctx.dtypes[0]), grad_w.mul_(grad).to(ctx.dtypes[1]), None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, vocab: int = VOCAB_SIZE,
-                         rows: int | None = None) -> torch.Tensor:
+                         rows: int | None = None, fused: bool = False) -> torch.Tensor:
     """Summed cross-entropy of logits h @ weight[:vocab].T (h (..., d), y (...) with -100 = not scored),
     without the logit matrix; in autocast's dtype where it is on. Equals
-    F.cross_entropy((h @ weight[:vocab].T).flatten(0, -2), y.flatten(), reduction="sum")."""
+    F.cross_entropy((h @ weight[:vocab].T).flatten(0, -2), y.flatten(), reduction="sum").
+    fused: each chunk's softmax work as one compiled kernel (torch.compile), as a compiled model runs it."""
     h = h.reshape(-1, h.shape[-1])
     rows = rows or chunk_rows(h.device, h.shape[-1], _compute_dtype(h.device, h.dtype))
-    return LinearCrossEntropy.apply(h, weight, y.reshape(-1), vocab, rows)
+    return LinearCrossEntropy.apply(h, weight, y.reshape(-1), vocab, rows, fused)
 
 
 @torch.no_grad()
@@ -160,10 +202,11 @@ class LossModel(nn.Module):
     """GPT plus its loss, in one forward (what DDP and torch.compile wrap): the summed negative
     log-likelihood of the targets at positions >= start (the loss ignores the first `start` positions)."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, gpt: GPT, fused_loss: bool = False):
         super().__init__()
         self.gpt = gpt
+        self.fused_loss = fused_loss  # the loss's softmax as a compiled kernel (with a compiled model)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
         h = self.gpt.hidden_states(x)[:, start:]          # no logits for positions the loss ignores
-        return linear_cross_entropy(h, self.gpt.lm_head.weight, y[:, start:])
+        return linear_cross_entropy(h, self.gpt.lm_head.weight, y[:, start:], fused=self.fused_loss)

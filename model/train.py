@@ -225,8 +225,9 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     else:
         say(f"starting run {run_dir} (no checkpoint yet)")
 
-    model = LossModel(gpt)
-    if t.compile.lower() == "true" or (t.compile.lower() == "auto" and device.type == "cuda"):
+    compiled = t.compile.lower() == "true" or (t.compile.lower() == "auto" and device.type == "cuda")
+    model = LossModel(gpt, fused_loss=compiled)
+    if compiled:
         model = CompiledOrEager(model, log)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

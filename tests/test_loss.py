@@ -28,11 +28,12 @@ def reference(h, w, y):
     return F.cross_entropy(h @ w[:VOCAB].t(), y, reduction="sum", ignore_index=L.IGNORE)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("ignored", [0, 7])
 @pytest.mark.parametrize("rows", [16, 64, 1000])  # several chunks with a ragged last one; one chunk
-def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy_in_float32(rows, ignored):
+def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy_in_float32(rows, ignored, fused):
     h, w, y = case(ignored=ignored)
-    chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=rows)
+    chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=rows, fused=fused)
     ref = reference(h, w, y)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, ref, rtol=2e-6, atol=0)
@@ -57,10 +58,11 @@ def test_ignored_targets_change_nothing():
         L.linear_cross_entropy(h3, w3, y3, vocab=VOCAB, rows=16).item(), rel=1e-6)
 
 
-def test_under_bfloat16_autocast_the_loss_is_the_autocast_reference_within_bfloat16_round_off():
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_under_bfloat16_autocast_the_loss_is_the_autocast_reference_within_bfloat16_round_off(fused):
     h, w, y = case(tokens=96, d=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=32)
+        chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=32, fused=fused)
         ref = reference(h, w, y)
     exact = reference(h, w, y)
     assert chunked.dtype == torch.float32
@@ -71,6 +73,20 @@ def test_under_bfloat16_autocast_the_loss_is_the_autocast_reference_within_bfloa
     assert got[0].dtype == h.dtype and got[1].dtype == w.dtype  # gradients in the parameters' dtype
     for a, b in zip(got, want):
         assert (a - b).norm() <= 0.02 * b.norm()
+
+
+def test_a_fused_kernel_that_fails_to_compile_falls_back_to_the_eager_loss_with_one_warning(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setitem(L._fused, "fn", broken)
+    monkeypatch.setitem(L._fused, "failed", False)
+    h, w, y = case()
+    with pytest.warns(UserWarning, match="fused loss kernel failed to compile .*no C\\+\\+ compiler"):
+        fused = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16, fused=True)
+    assert L._fused["failed"]
+    assert fused.item() == L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16).item()
+    torch.testing.assert_close(torch.autograd.grad(fused, (h, w)),
+                               torch.autograd.grad(reference(h, w, y), (h, w)), rtol=1e-5, atol=1e-6)
 
 
 def test_token_nll_chunked_is_the_per_token_cross_entropy_and_0_at_ignored_targets():
