@@ -44,6 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    # Emulating another CPU kind: compiled kernels cached by a native run are not keyed by it, and one such
+    # kernel, reused under ATEN_CPU_CAPABILITY=avx2, aborted the process (index out of bounds); a cache apart
+    import tempfile
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.environ['ATEN_CPU_CAPABILITY'].lower()}"))
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,6 +111,23 @@ def matmul_peak(device, dtype, seconds=2.0, yardstick: float | None = None) -> f
             sync(device)
             best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t0))
     return best
+
+
+def copy_bandwidth(device, mb: int = 512) -> float:
+    """Bytes/s (read + written) of the best of a few copies of a float32 array of `mb` MB: the memory
+    bandwidth that a step streaming full logits (412 MB in float32 for 2,048 tokens) is bound by. Printed
+    with the figures: the references moved 1.8x between two VMs of one CPU model (this
+    project 1.1x), so each run states it."""
+    a = torch.ones(mb * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
 
 
 def datasheet_peak(device, dtype: str) -> float | None:
@@ -363,6 +388,7 @@ def main(argv=None):
     print(f"# bench/train.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, "
           f"torch {torch.__version__}, transformers {hf_version}")
     print(f"# device {device}: {machine_line(device)}")
+    print(f"# memory copy {copy_bandwidth(device) / 1e9:.1f} GB/s (read + write, {torch.get_num_threads()} threads)")
 
     asked = list(DTYPES) if a.dtypes == "native" else a.dtypes.split(",")
     # float32 always: the yardstick that tells an emulated dtype
