@@ -94,13 +94,17 @@ _fused = {"fn": None, "failed": False}
 
 def fused_softmax_terms(logits, y):
     """_softmax_terms compiled (once, for any chunk shape), or None where compiling fails (no C++ compiler
-    for the CPU backend, say): then the eager path runs, after one warning."""
+    for the CPU backend, say): then the eager path runs, after one warning. In float32 it holds p beside the
+    logits (the eager path reuses the logits' buffer): one more chunk of tokens x vocab."""
     if _fused["failed"]:
         return None
     if _fused["fn"] is None:
-        _fused["fn"] = torch.compile(_softmax_terms, dynamic=True, fullgraph=True)
+        # not fullgraph: past dynamo's recompile limit (dtypes, a 1-row last chunk) it runs eagerly, no error
+        _fused["fn"] = torch.compile(_softmax_terms, dynamic=True)
     try:
         return _fused["fn"](logits, y)
+    except torch.OutOfMemoryError:
+        raise  # not a compiler failure
     except Exception as e:  # noqa: BLE001 (any compiler failure: the eager path computes the same)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         warnings.warn(f"the fused loss kernel failed to compile ({type(e).__name__}: {first}); "

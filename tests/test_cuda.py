@@ -16,7 +16,7 @@ from model.checkpoint import list_checkpoints, load_model
 from model.device import resolve_device
 from model.gpt import GPT
 from pipeline.config import Architecture, Train, load_settings
-from tests.test_loss import VOCAB, case, reference
+from tests.test_loss import VOCAB, case, fused_kernel_not_failed, reference  # noqa: F401 (an autouse fixture)
 from tests.test_train import ROOT, cli, metrics, run_dir_of, setup_run, wait_for_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -41,6 +41,7 @@ def on_cuda(h, w, y):
 def test_chunked_loss_on_cuda_equals_full_logits_cross_entropy_in_float32(ignored, fused):
     h, w, y = on_cuda(*case(tokens=3000, d=64, ignored=ignored))  # two chunks of 2,048 rows, the last ragged
     chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, fused=fused)
+    assert not L._fused["failed"]  # fused: the compiled kernel ran
     ref = reference(h, w, y)
     torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=0)
     got = torch.autograd.grad(chunked * 0.37, (h, w))
@@ -55,6 +56,7 @@ def test_chunked_loss_under_cuda_bfloat16_autocast_is_within_bfloat16_round_off(
     h, w, y = on_cuda(*case(tokens=3000, d=64))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, fused=fused)
+    assert not L._fused["failed"]
     exact = reference(h, w, y)
     torch.testing.assert_close(chunked, exact, rtol=1e-2, atol=0)
     got = torch.autograd.grad(chunked, (h, w))
@@ -86,17 +88,16 @@ def test_adamw_is_fused_on_cuda():
 def test_training_on_cuda_in_auto_dtype_with_compile_lowers_the_loss_then_stops_and_resumes(tmp_path):
     ini, train_json, val = setup_run(tmp_path, P_drop=0.0, device="cuda", dtype="auto", compile="true")
     final = tmp_path / "ckpt" / "final.pt"
-    stderr = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen(cli(ini, train_json, val, final, tmp_path / "stopped.log"), cwd=ROOT, stderr=stderr)
-    wait_for_step(tmp_path / "ckpt", 7, proc, timeout=300)  # the compile comes first
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 75
-    run_dir = next((tmp_path / "ckpt").glob("run-*"))
-    stopped_at = max(r["step"] for r in metrics(run_dir) if r["kind"] == "train")
-    assert list_checkpoints(run_dir)[-1].name == f"step_{stopped_at:08d}.pt"
-    subprocess.run(cli(ini, train_json, val, final, tmp_path / "resumed.log"), cwd=ROOT, check=True, timeout=600,
-                   stderr=stderr)
-    stderr.close()
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(cli(ini, train_json, val, final, tmp_path / "stopped.log"), cwd=ROOT, stderr=stderr)
+        wait_for_step(tmp_path / "ckpt", 7, proc, timeout=300)  # the compile comes first
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 75
+        run_dir = next((tmp_path / "ckpt").glob("run-*"))
+        stopped_at = max(r["step"] for r in metrics(run_dir) if r["kind"] == "train")
+        assert list_checkpoints(run_dir)[-1].name == f"step_{stopped_at:08d}.pt"
+        subprocess.run(cli(ini, train_json, val, final, tmp_path / "resumed.log"), cwd=ROOT, check=True,
+                       timeout=600, stderr=stderr)
     log = (tmp_path / "stopped.log").read_text() + (tmp_path / "resumed.log").read_text()
     assert "torch.compile failed" not in log, log
     assert "fused loss kernel failed" not in (tmp_path / "stderr.txt").read_text()

@@ -28,12 +28,20 @@ def reference(h, w, y):
     return F.cross_entropy(h @ w[:VOCAB].t(), y, reduction="sum", ignore_index=L.IGNORE)
 
 
+@pytest.fixture(autouse=True)
+def fused_kernel_not_failed(monkeypatch):
+    """Each test starts with the fused kernel allowed (a failure in one test would make the others' `fused`
+    cases quietly run the eager path); `L._fused["failed"]` after a call tells whether it really ran."""
+    monkeypatch.setitem(L._fused, "failed", False)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("ignored", [0, 7])
 @pytest.mark.parametrize("rows", [16, 64, 1000])  # several chunks with a ragged last one; one chunk
 def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy_in_float32(rows, ignored, fused):
     h, w, y = case(ignored=ignored)
     chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=rows, fused=fused)
+    assert not L._fused["failed"]  # fused: the compiled kernel ran
     ref = reference(h, w, y)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, ref, rtol=2e-6, atol=0)
@@ -64,6 +72,7 @@ def test_under_bfloat16_autocast_the_loss_is_the_autocast_reference_within_bfloa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=32, fused=fused)
         ref = reference(h, w, y)
+    assert not L._fused["failed"]
     exact = reference(h, w, y)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, ref.float(), rtol=1e-2, atol=0)
@@ -81,9 +90,9 @@ def test_a_fused_kernel_that_fails_to_compile_falls_back_to_the_eager_loss_with_
     monkeypatch.setitem(L._fused, "fn", broken)
     monkeypatch.setitem(L._fused, "failed", False)
     h, w, y = case()
-    with pytest.warns(UserWarning, match="fused loss kernel failed to compile .*no C\\+\\+ compiler"):
-        fused = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16, fused=True)
-    assert L._fused["failed"]
+    with pytest.warns(UserWarning, match="fused loss kernel failed to compile .*no C\\+\\+ compiler") as caught:
+        fused = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16, fused=True)  # 10 chunks, one warning
+    assert L._fused["failed"] and len([w for w in caught if "fused loss" in str(w.message)]) == 1
     assert fused.item() == L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16).item()
     torch.testing.assert_close(torch.autograd.grad(fused, (h, w)),
                                torch.autograd.grad(reference(h, w, y), (h, w)), rtol=1e-5, atol=1e-6)
