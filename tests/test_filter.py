@@ -73,7 +73,7 @@ def test_several_zst_frames_are_read_across(tmp_path):
     lines = sample_lines("val", 40)
     cctx = zstandard.ZstdCompressor()
     src = tmp_path / "x.jsonl.zst"
-    src.write_bytes(b"".join(cctx.compress(b"".join(l + b"\n" for l in part)) for part in (lines[:15], lines[15:])))
+    src.write_bytes(b"".join(cctx.compress(b"".join(line + b"\n" for line in part)) for part in (lines[:15], lines[15:])))
     assert [line for _, line in iter_lines(src)] == lines
 
 
