@@ -401,7 +401,12 @@ def launch(ini_path, train_manifest, val_shard, final_path, threads: int = 0, lo
     proc = subprocess.run(cmd, env=_child_env(), preexec_fn=_die_with_parent)
     where = f"; see {log}" if log else ""
     if proc.returncode == EXIT_PREEMPTED:
-        raise RuntimeError(f"training stopped on a signal after writing a checkpoint (exit {EXIT_PREEMPTED}); "
+        # the trainer's own line (which signal, after which step) into the error: Snakemake deletes the rule's
+        # log before it runs the job again, while its error message stays in its own (or the SLURM job's) log
+        stopped = [line for line in Path(log).read_text(errors="replace").splitlines()
+                   if line.startswith("stopped by ")] if log and Path(log).exists() else []
+        why = f" ({stopped[-1].split(':')[0]})" if stopped else ""
+        raise RuntimeError(f"training stopped on a signal after writing a checkpoint (exit {EXIT_PREEMPTED}){why}; "
                            f"run the same command again to resume{where}")
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit {proc.returncode}){where}")

@@ -195,7 +195,8 @@ def test_training_stopped_by_the_time_limit_signal_is_submitted_again_and_resume
     assert re.search(r"SLURM-job '\d+' failed", out) and "Trying to restart job" in out
     # that log (kept: the job failed) says why
     first_log = Path(re.search(r"\S+/rule_train/\d+\.log", out)[0])
-    assert "training stopped on a signal after writing a checkpoint (exit 75)" in first_log.read_text()
+    assert re.search(r"training stopped on a signal after writing a checkpoint \(exit 75\) \(stopped by SIGTERM "
+                     r"after step \d+ \([\d,]+ tokens\)\)", first_log.read_text())
     log = (wf / "checkpoints" / "logs" / "train.log").read_text()  # the second job's: Snakemake starts it anew
     resumed = re.search(r"resuming \S+ from step_(\d+)\.pt", log)
     assert resumed, log[-3000:]

@@ -453,3 +453,17 @@ def test_init_from_a_missing_path_is_an_error_naming_the_key(tmp_path):
     ini.write_text(ini.read_text().replace("[train]\n", f"[train]\ninit_from = {tmp_path / 'nowhere'}\n"))
     with pytest.raises(ModelFileError, match=r"\[train\] init_from = .*nowhere"):
         train_here(ini, train_json, val, tmp_path / "final.pt")
+
+
+def test_a_stopped_launch_names_the_signal_and_step_in_its_error(tmp_path, monkeypatch):
+    """Snakemake deletes train.log before the job runs again; its error message keeps why the last one ended."""
+    log = tmp_path / "train.log"
+
+    def trainer(cmd, **kwargs):
+        log.write_text("starting run\nstopped by SIGTERM after step 12 (3,456 tokens): checkpoint x written; "
+                       "run the same command again to resume from it\n")
+        return subprocess.CompletedProcess(cmd, 75)
+    monkeypatch.setattr(T.subprocess, "run", trainer)
+    with pytest.raises(RuntimeError, match=r"\(exit 75\) \(stopped by SIGTERM after step 12 \(3,456 tokens\)\); "
+                                           r"run the same command again to resume; see .*train\.log"):
+        T.launch("x.ini", "train.json", "val.arrow", tmp_path / "final.pt", log=log)
