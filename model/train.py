@@ -403,13 +403,22 @@ def launch(ini_path, train_manifest, val_shard, final_path, threads: int = 0, lo
     if proc.returncode == EXIT_PREEMPTED:
         # the trainer's own line (which signal, after which step) into the error: Snakemake deletes the rule's
         # log before it runs the job again, while its error message stays in its own (or the SLURM job's) log
-        stopped = [line for line in Path(log).read_text(errors="replace").splitlines()
-                   if line.startswith("stopped by ")] if log and Path(log).exists() else []
+        stopped = [line for line in _tail(log).splitlines() if line.startswith("stopped by ")] if log else []
         why = f" ({stopped[-1].split(':')[0]})" if stopped else ""
         raise RuntimeError(f"training stopped on a signal after writing a checkpoint (exit {EXIT_PREEMPTED}){why}; "
                            f"run the same command again to resume{where}")
     if proc.returncode != 0:
         raise RuntimeError(f"training failed (exit {proc.returncode}){where}")
+
+
+def _tail(path, size: int = 1 << 16) -> str:
+    """The last `size` bytes of a text file ('' if it is missing): a weeks-long run's log is 100s of MB."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def run_torchrun(settings: Settings, argv: list[str], threads: int, log) -> int:
