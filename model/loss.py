@@ -64,15 +64,23 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
 
 
-def _chunk(h_c, w, y_c):
-    """A chunk's target logits, logsumexp and, in the float32 logits' buffer, exp(z - max) and its row sums:
-    one exp per logit (torch.logsumexp and a softmax after it would take two)."""
-    z = (h_c @ w.t()).float()
+def _chunk(logits, y_c, probs: bool = False, ignored_c=None):
+    """A chunk's (softmax - onehot(y) where probs, zeroed on the rows ignored_c, in the logits' dtype, else
+    None; logsumexp; the target logit), eagerly, in the float32 logits' one buffer: one exp per logit
+    (torch.logsumexp and a softmax after it would take two)."""
+    z = logits.float()
     target = z.gather(1, y_c.clamp(min=0)[:, None])[:, 0]  # an ignored target reads class 0; masked later
     m = z.amax(dim=1)
     e = z.sub_(m[:, None]).exp_()
     s = e.sum(dim=1)
-    return e, s, m + s.log(), target
+    lse = m + s.log()
+    if not probs:
+        return None, lse, target
+    p = e.mul_(s.reciprocal()[:, None])  # softmax, in place: the chunk's only tokens x vocab buffer
+    p[torch.arange(len(y_c), device=p.device), y_c.clamp(min=0)] -= 1.0
+    if ignored_c is not None:
+        p.masked_fill_(ignored_c[:, None], 0.0)
+    return p.to(logits.dtype), lse, target
 
 
 def _softmax_terms(logits, y):
@@ -92,6 +100,11 @@ def _softmax_terms(logits, y):
 _fused = {"fn": None, "failed": False}
 
 
+def compile_error(e: BaseException) -> str:
+    """What a torch.compile failure says, in one line (inductor's messages run to pages)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 def fused_softmax_terms(logits, y):
     """_softmax_terms compiled (once, for any chunk shape), or None where compiling fails (no C++ compiler
     for the CPU backend, say): then the eager path runs, after one warning. In float32 it holds p beside the
@@ -106,9 +119,8 @@ def fused_softmax_terms(logits, y):
     except torch.OutOfMemoryError:
         raise  # not a compiler failure
     except Exception as e:  # noqa: BLE001 (any compiler failure: the eager path computes the same)
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        warnings.warn(f"the fused loss kernel failed to compile ({type(e).__name__}: {first}); "
-                      f"using the eager one", stacklevel=2)
+        warnings.warn(f"the fused loss kernel failed to compile ({compile_error(e)}); using the eager one",
+                      stacklevel=2)
         _fused["failed"] = True
         return None
 
@@ -135,23 +147,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             any_ignored = bool(ignored.any())
             for a in range(0, h.shape[0], rows):
                 h_c, y_c = hd[a:a + rows], y[a:a + rows]
-                terms = fused_softmax_terms(h_c @ w.t(), y_c) if (fused and need_grad) else None
-                if terms is not None:
-                    p, lse, target = terms
-                else:
-                    e, s, lse, target = _chunk(h_c, w, y_c)
+                ignored_c = ignored[a:a + rows] if any_ignored else None
+                logits = h_c @ w.t()
+                terms = fused_softmax_terms(logits, y_c) if (fused and need_grad) else None
+                p, lse, target = terms if terms is not None else _chunk(logits, y_c, need_grad, ignored_c)
                 nll = lse - target
-                if any_ignored:
-                    nll = nll.masked_fill(ignored[a:a + rows], 0.0)
+                if ignored_c is not None:
+                    nll = nll.masked_fill(ignored_c, 0.0)
                 loss += nll.sum()
                 if not need_grad:
                     continue
-                if terms is None:
-                    p = e.mul_(s.reciprocal()[:, None])  # softmax, in place: the chunk's only tokens x vocab buffer
-                    p[torch.arange(len(y_c), device=device), y_c.clamp(min=0)] -= 1.0
-                    if any_ignored:
-                        p.masked_fill_(ignored[a:a + rows, None], 0.0)
-                    p = p.to(dtype)
                 grad_h[a:a + rows] = p @ w
                 if dtype == torch.float32:
                     grad_w[:vocab].addmm_(p.t(), h_c)
@@ -197,7 +202,7 @@ def token_nll_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         w = weight[:vocab].to(dtype)
         hd = h.to(dtype)
         for a in range(0, h.shape[0], rows):
-            _, _, lse, target = _chunk(hd[a:a + rows], w, y[a:a + rows])
+            _, lse, target = _chunk(hd[a:a + rows] @ w.t(), y[a:a + rows])
             out[a:a + rows] = lse - target
     return out.masked_fill_(y < 0, 0.0).view(targets.shape)
 

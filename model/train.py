@@ -42,7 +42,7 @@ from model.checkpoint import ModelFileError, latest_checkpoint, load_gpt, save_c
 from model.data import TrainData, batch_order, chunk_order, step_groups
 from model.device import Dist, Precision, autocast, gather_rng, resolve_device, resolve_precision, restore_rng
 from model.gpt import GPT
-from model.loss import LossModel, inputs_and_targets, predicted_positions
+from model.loss import LossModel, compile_error, inputs_and_targets, predicted_positions
 from model.optim import lr_at, make_optimizer
 from model.run import Metrics, RunLock, run_dir_for, steps_per_record
 from model.signals import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopRequest
@@ -64,6 +64,12 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def usable_cores(threads: int = 0) -> int:
+    """The physical cores to use: all of them, or `threads` (Snakemake's --cores) where that is fewer."""
+    cores = physical_cores()
+    return min(threads or cores, cores)
+
+
 class CompiledOrEager(nn.Module):
     """torch.compile(model), or the model itself where compiling fails (no C++ compiler for the CPU backend,
     an operator inductor cannot lower): the first call tries the compiled model, and an error there is
@@ -80,8 +86,7 @@ class CompiledOrEager(nn.Module):
             try:
                 return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 (any compiler failure; a real error recurs eagerly below)
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                print(f"warning: torch.compile failed ({type(e).__name__}: {first}); training without it",
+                print(f"warning: torch.compile failed ({compile_error(e)}); training without it",
                       file=self.log, flush=True)
                 self.compiled = None
         return self.model(*args)
@@ -125,9 +130,7 @@ def _setup_and_train(settings, train_manifest, val_shard, final_path, threads, l
         torch.backends.cudnn.allow_tf32 = True
     if d.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    cores = physical_cores()
-    cores = min(threads or cores, cores)
-    n_threads = t.threads or max(1, cores // (d.world if device.type == "cpu" else 1))
+    n_threads = t.threads or max(1, usable_cores(threads) // (d.world if device.type == "cpu" else 1))
     torch.set_num_threads(n_threads)
     precision = choose_precision(t.dtype, device, d, log)
 
@@ -425,7 +428,7 @@ def run_torchrun(settings: Settings, argv: list[str], threads: int, log) -> int:
     """[train] nproc_per_node > 1: torchrun with that many processes; a stop signal that reaches this process
     goes on to torchrun as SIGTERM, which passes it to every rank (torchrun does not pass on SIGUSR1)."""
     n = settings.train.nproc_per_node
-    per_proc = settings.train.threads or max(1, min(threads or physical_cores(), physical_cores()) // n)
+    per_proc = settings.train.threads or max(1, usable_cores(threads) // n)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "model.train", *argv, "--threads", str(per_proc * n)]
     print(" ".join(cmd), file=log, flush=True)
