@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import resource
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
-import orjson
 
 from pipeline.shards import ShardReader, read_train_manifest
 
@@ -41,9 +39,8 @@ class TrainData:
     def __init__(self, manifest_path, max_open: int | None = None):
         self.manifest_path = manifest_path
         self.chunks = read_train_manifest(manifest_path)  # per chunk: 'shards' as absolute paths
-        listed = orjson.loads(Path(manifest_path).read_bytes())["chunks"]
-        self._batches = [[int(s["batches"]) for s in chunk["shards"]] for chunk in listed]
-        self._tokens = [int(chunk["tokens"]) for chunk in listed]
+        self._batches = [chunk["shard_batches"] for chunk in self.chunks]
+        self._tokens = [int(chunk["tokens"]) for chunk in self.chunks]
         self.max_open = max_open or open_shards_budget()
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._loaded: tuple[int, np.ndarray, np.ndarray] | None = None  # (chunk, shard starts, shapes)

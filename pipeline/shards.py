@@ -133,9 +133,11 @@ class ShardReader:
 
 
 def read_train_manifest(path: str | Path) -> list[dict]:
-    """The train split: a list of chunks, each {'chunk': name, 'shards': [absolute shard paths], ...}."""
+    """The train split: a list of chunks, each {'chunk': name, 'shards': [absolute shard paths],
+    'shard_batches': [batches of each shard], 'tokens': ..., ...}."""
     path = Path(path)
     chunks = orjson.loads(path.read_bytes())["chunks"]
     for chunk in chunks:
+        chunk["shard_batches"] = [int(s["batches"]) for s in chunk["shards"]]
         chunk["shards"] = [str((path.parent / s["path"]).resolve()) for s in chunk["shards"]]
     return chunks
