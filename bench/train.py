@@ -58,14 +58,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.device import cpu_bf16_reported, disable_cudnn_attention  # noqa: E402
+from model.device import DTYPES, autocast, cpu_bf16_reported, disable_cudnn_attention  # noqa: E402
+from model.hf import hf_config  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.loss import LossModel, inputs_and_targets  # noqa: E402
 from model.optim import make_optimizer  # noqa: E402
 from model.train import CompiledOrEager, keep_freed_memory, physical_cores  # noqa: E402
 from pipeline.config import EOT, VOCAB_SIZE, Architecture, Train, load_settings  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINERS = ("project", "hf", "plain")
 LR = 3e-4
 
@@ -192,9 +192,7 @@ class PlainGPT(nn.Module):
 
 def hf_gpt2(arch: Architecture):
     from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=arch.positional_encoding_max_pos, n_embd=arch.d_model,
-                     n_layer=arch.N, n_head=arch.h, n_inner=arch.d_ff, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, use_cache=False)
+    cfg = GPT2Config(**{**hf_config(arch, P_drop=0.0), "use_cache": False})  # the config our export writes
     return GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
 
 
@@ -211,15 +209,13 @@ class Trainer:
 
 def build(name, arch, device, dtype, compiled, start) -> Trainer:
     torch.manual_seed(0)
-    amp = (lambda: torch.autocast(device.type, dtype=DTYPES[dtype])) if dtype != "float32" else contextlib.nullcontext
+    amp = lambda: autocast(device, dtype)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     if name == "project":  # model/train.py's train_step, one batch per optimizer step
         gpt = GPT(arch, P_drop=0.0).to(device)
         model = LossModel(gpt, fused_loss=compiled)
         model = CompiledOrEager(model) if compiled else model
-        opt = make_optimizer(gpt, Train(max_lr=LR, warmup_steps=0), device)
-        for g in opt.param_groups:
-            g["lr"] = LR
+        opt = make_optimizer(gpt, Train(max_lr=LR, warmup_steps=0), device)  # lr LR from the first step
 
         def step(x, y):
             with amp():
