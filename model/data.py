@@ -39,12 +39,9 @@ class TrainData:
     def __init__(self, manifest_path, max_open: int | None = None):
         self.manifest_path = manifest_path
         self.chunks = read_train_manifest(manifest_path)  # per chunk: 'shards' as absolute paths
-        self._batches = [chunk["shard_batches"] for chunk in self.chunks]
-        self._tokens = [int(chunk["tokens"]) for chunk in self.chunks]
         self.max_open = max_open or open_shards_budget()
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._loaded: tuple[int, np.ndarray, np.ndarray] | None = None  # (chunk, shard starts, shapes)
-        self.shape = _PerChunk(lambda c: self._chunk(c)[1])  # data.shape[c]: (n_batches, 2) of (n_docs, seq_len)
 
     def reader(self, path: str) -> ShardReader:
         if path in self._readers:
@@ -65,13 +62,13 @@ class TrainData:
             for path in [p for p in self._readers if p not in paths]:
                 del self._readers[path]  # the previous chunk's shards
             shapes = []
-            for path, listed in zip(paths, self._batches[c]):
+            for path, listed in zip(paths, self.chunks[c]["shard_batches"]):
                 r = self.reader(path)
                 if len(r) != listed:
                     raise ValueError(f"{path}: {len(r)} batches, but {self.manifest_path} lists {listed} (the shard "
                                      f"was rewritten after the split; run the split stage again)")
                 shapes.append(np.stack([r.n_docs(), r.seq_lens()], 1).astype(np.int64))
-            starts = np.concatenate([[0], np.cumsum(self._batches[c], dtype=np.int64)])
+            starts = np.concatenate([[0], np.cumsum(self.chunks[c]["shard_batches"], dtype=np.int64)])
             shape = np.concatenate(shapes) if shapes else np.zeros((0, 2), np.int64)
             self._loaded = (c, starts, shape)
         return self._loaded[1], self._loaded[2]
@@ -81,21 +78,15 @@ class TrainData:
         s = int(np.searchsorted(starts, b, side="right")) - 1
         return self.reader(self.chunks[chunk]["shards"][s])[int(b - starts[s])].tokens
 
+    def shape(self, c: int) -> np.ndarray:
+        """(n_batches, 2) array of (n_docs, seq_len) of chunk c's batches (read when first asked)."""
+        return self._chunk(int(c))[1]
+
     def total_tokens(self) -> int:
-        return sum(self._tokens)
+        return sum(int(chunk["tokens"]) for chunk in self.chunks)
 
     def total_batches(self) -> int:
-        return sum(map(sum, self._batches))
-
-
-class _PerChunk:
-    """data.shape[c] reads chunk c's shapes when first asked (and forgets the previous chunk's)."""
-
-    def __init__(self, get):
-        self._get = get
-
-    def __getitem__(self, c: int) -> np.ndarray:
-        return self._get(int(c))
+        return sum(sum(chunk["shard_batches"]) for chunk in self.chunks)
 
 
 def chunk_order(seed: int, epoch: int, n_chunks: int, shuffle: bool = False) -> np.ndarray:

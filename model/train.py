@@ -276,7 +276,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     def train_step(c: int, group: list[int]) -> tuple[float, torch.Tensor, bool]:
         """One optimizer step over the batches `group` of chunk c (dealt out among the ranks): (mean loss,
         grad norm, whether any rank was asked to stop)."""
-        shape = data.shape[c]
+        shape = data.shape(c)
         n_pred = sum(int(shape[b, 0]) * predicted_positions(int(shape[b, 1]), start) for b in group)
         mine = group[d.rank::d.world] or group[:1]   # a rank with no batch left runs one with weight 0
         weight = (d.world / n_pred) if group[d.rank::d.world] else 0.0  # DDP averages over ranks
@@ -320,7 +320,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
         corder = chunk_order(t.seed, e, len(data.chunks), t.shuffle_chunks)
         while cursor["chunk"] < len(corder):
             c = int(corder[cursor["chunk"]])
-            shape = data.shape[c]
+            shape = data.shape(c)
             order = batch_order(t.seed, e, c, shape, start)
             for begin, end in step_groups(order, shape, t.tokens_per_optimizer_step, d.world):
                 if begin < cursor["batch"]:

@@ -67,13 +67,13 @@ def test_at_most_max_open_shards_are_open_and_batches_are_those_of_the_shards(tm
     for c in range(2):
         shards = [ShardReader(p) for p in data.chunks[c]["shards"]]
         expected = [b.tokens for r in shards for b in r]
-        assert len(data.shape[c]) == len(expected) == 21
+        assert len(data.shape(c)) == len(expected) == 21
         for b in np.random.default_rng(c).permutation(21):
             tokens = data.tokens(c, int(b))
             assert np.array_equal(tokens, expected[b])
-            assert tuple(data.shape[c][b]) == tokens.shape
+            assert tuple(data.shape(c)[b]) == tokens.shape
             assert data.open_shards() <= 3
-    assert data.total_tokens() == sum(int(s[:, 0] @ s[:, 1]) for s in (data.shape[0], data.shape[1]))
+    assert data.total_tokens() == sum(int(s[:, 0] @ s[:, 1]) for s in (data.shape(0), data.shape(1)))
 
 
 def test_a_shard_rewritten_after_the_split_is_an_error_naming_it(tmp_path):
@@ -85,7 +85,7 @@ def test_a_shard_rewritten_after_the_split_is_an_error_naming_it(tmp_path):
         writer.add(batch)
     writer.close()
     with pytest.raises(ValueError, match=rf"{shard}: 4 batches, but .*train.json lists 3 .*run the split stage again"):
-        data.shape[0]
+        data.shape(0)
 
 
 # --- metrics of bounded size; a resume truncates instead of rewriting -------------------------------------
