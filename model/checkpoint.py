@@ -132,16 +132,14 @@ def load_gpt(source, map_location="cpu", expected_arch: Architecture | None = No
     if folder is not None:
         if not hf.is_hf_folder(folder):
             raise ModelFileError(f"{folder}: a folder without config.json, so not a Hugging Face model folder")
-        model, arch, meta = hf.load_hf_folder(folder, map_location)
+        model, arch, meta = hf.load_hf_folder(folder, map_location, expected_arch)
         if folder != path:  # found in the local cache
             meta["hub_id"] = str(source)
-    elif not path.exists() and hf.could_be_hub_id(str(source)):
+        return model, arch, meta
+    if not path.exists() and hf.could_be_hub_id(str(source)):
         raise ModelFileError(f"{path}: no such file or folder, nor a Hugging Face hub id in the local cache "
                              f"(nothing is downloaded here; fetch it once with `hf download {source}`)")
-    else:
-        return load_model(path, map_location, expected_arch)
-    check_architecture(arch, expected_arch, meta["path"])
-    return model, arch, meta
+    return load_model(path, map_location, expected_arch)
 
 
 # ---------------------------------------------------------------------------------------------------------

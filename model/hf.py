@@ -17,7 +17,6 @@ Nothing here needs `transformers`: config.json is plain JSON and the weights are
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,9 +24,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.checkpoint import ModelFileError
+from model.checkpoint import ModelFileError, check_architecture
 from model.gpt import GPT, PADDED_VOCAB_SIZE
 from pipeline.config import EOT, VOCAB_SIZE, Architecture
+from pipeline.io import read_json
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # OpenAI's checkpoints store the causal mask; not weights
@@ -175,7 +175,7 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         files = [single]
     elif index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)["weight_map"]
         except (ValueError, KeyError) as e:
             raise ModelFileError(f"{index}: not a safetensors index ({e})") from None
         files = [folder / f for f in sorted(set(weight_map.values()))]
@@ -196,26 +196,27 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_folder(folder, map_location="cpu"):
+def load_hf_folder(folder, map_location="cpu", expected_arch: Architecture | None = None):
     """(GPT in eval mode, its Architecture, meta) from a Hugging Face GPT-2 folder: config.json + safetensors.
 
     meta: {"path", "format": "huggingface", "hf_config"}, plus step/tokens/run_dir/train when the folder was
-    exported by this project (export.json).
+    exported by this project (export.json). expected_arch: checked from config.json, before any weight is read.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
     try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        cfg = read_json(config_path)
     except (OSError, ValueError) as e:
         raise ModelFileError(f"{config_path}: cannot be read as a Hugging Face config ({e})") from None
     arch = architecture_from_hf_config(cfg, config_path)
+    check_architecture(arch, expected_arch, str(folder))
     model = gpt_from_hf_state_dict(read_safetensors(folder), arch, folder)
     model.to(map_location if map_location is not None else "cpu")
     meta = {"path": str(folder), "format": "huggingface", "hf_config": cfg}
     provenance = folder / "export.json"
     if provenance.is_file():
         try:
-            exported = json.loads(provenance.read_text(encoding="utf-8"))
+            exported = read_json(provenance)
         except ValueError as e:
             raise ModelFileError(f"{provenance}: not JSON ({e})") from None
         meta.update({k: exported[k] for k in ("step", "tokens", "run_dir", "train") if k in exported})
