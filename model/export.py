@@ -76,13 +76,13 @@ def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """vocab.json's {token string: id} (<|endoftext|> included) and merges.txt's 50,000 "left right" lines,
     in merge order: GPT-2's own files, derived from the ranks (which are GPT-2's ids)."""
     ranks = load_ranks()
-    vocab = {spell(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
-    vocab[ENDOFTEXT] = EOT
-    merges = []
+    vocab, merges = {}, []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        vocab[spell(token)] = rank
         if len(token) > 1:
             left, right = _split_in_two(token, rank, ranks)
             merges.append(f"{spell(left)} {spell(right)}")
+    vocab[ENDOFTEXT] = EOT
     return vocab, merges
 
 
@@ -189,12 +189,13 @@ def run(model_path, out_dir, inference: dict | None = None, log=None) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # The validation documents as text, for lm-evaluation-harness (eval/pile_gpt2_val.yaml)
 
-def _complete_utf8(data: bytes) -> tuple[str, bool]:
-    """The text of a document's bytes, and whether a character cut by max_len_tokens was dropped from its end:
-    the tokens are a prefix of a valid UTF-8 text, so only the last character can be incomplete."""
+def _complete_utf8(data: bytes) -> tuple[str, int]:
+    """The text of a document's bytes, and how many bytes of a character cut by max_len_tokens were dropped
+    from its end (0 to 3): the tokens are a prefix of a valid UTF-8 text, so only the last character can be
+    incomplete."""
     for cut in range(4):
         try:
-            return data[:len(data) - cut].decode("utf-8"), cut > 0
+            return data[:len(data) - cut].decode("utf-8"), cut
         except UnicodeDecodeError:
             continue
     raise ValueError("a validation document's tokens do not decode as UTF-8 (a corrupt shard?)")
@@ -215,14 +216,15 @@ def write_lm_eval_docs(val_shard, out_jsonl, manifest, log=None) -> dict:
         for batch in ShardReader(val_shard):
             for j in range(batch.n_docs):
                 ids = batch.tokens[j, 1:].tolist()
-                text, cut = _complete_utf8(enc.decode_bytes(ids))
+                data = enc.decode_bytes(ids)
+                text, cut = _complete_utf8(data)
                 fh.write(orjson.dumps({"text": text, "pile_set_name": PILE_SET_NAMES[int(batch.pile_set[j])],
                                        "tokens": len(ids)}) + b"\n")
                 counts["documents"] += 1
                 counts["tokens"] += len(ids)
-                counts["bytes"] += len(text.encode("utf-8"))
+                counts["bytes"] += len(data) - cut
                 counts["words"] += len(text.split())
-                counts["documents_cut_mid_character"] += cut
+                counts["documents_cut_mid_character"] += cut > 0
                 counts["documents_reencoded_identically"] += enc.encode_ordinary(text) == ids
         print(f"{val_shard} -> {out_jsonl}: {counts}", file=logfh)
     doc = {"val_split": str(val_shard), "docs": str(out_jsonl), **counts,
