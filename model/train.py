@@ -228,7 +228,7 @@ def _train(settings, d: Dist, device, precision: Precision, run_dir: Path, finge
     else:
         say(f"starting run {run_dir} (no checkpoint yet)")
 
-    compiled = t.compile.lower() == "true" or (t.compile.lower() == "auto" and device.type == "cuda")
+    compiled = t.compiles_on(device.type)
     model = LossModel(gpt, fused_loss=compiled)
     if compiled:
         model = CompiledOrEager(model, log)

@@ -135,6 +135,11 @@ class Train:
     val_batches: int = _key("batches of the val split used for that periodic validation loss", default=20)
     threads: int = _key("CPU threads for torch (0 = the rule's threads)", default=0)
 
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether `compile` means torch.compile on this kind of device: true, or auto on a GPU."""
+        mode = self.compile.lower()
+        return mode == "true" or (mode == "auto" and device_type == "cuda")
+
     def validate(self, err):
         for key in ("epochs", "num_of_chunks_to_use", "checkpoint_every_steps", "keep_checkpoints",
                     "nproc_per_node", "val_batches"):
