@@ -118,7 +118,7 @@ def read_metrics(path: str | Path, bins: int = BINS) -> dict[str, dict[str, np.n
     Read from the end: the last record of a step wins (an earlier one with a step not below a later one's is a
     replaced attempt), and memory is the bins, not the log. A line cut short by a killed run (the last one)
     is skipped; any other bad line is an error naming it."""
-    from model.run import lines_backwards
+    from pipeline.io import lines_backwards
 
     path = Path(path)
     binned = {"train": Binned(bins), "val": Binned(bins)}

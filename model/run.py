@@ -22,7 +22,7 @@ import orjson
 
 from pipeline.config import Settings, as_plain_dict
 from model.checkpoint import ModelFileError, hf_folder_of
-from pipeline.io import sha256_file
+from pipeline.io import lines_backwards, sha256_file
 
 # [train] keys that do not change the trained weights: editing them resumes the same run.
 OPERATIONAL_KEYS = ("folder_to_save_state_dicts", "keep_checkpoints", "checkpoint_every_steps", "threads",
@@ -102,34 +102,15 @@ def steps_per_record(total_batches: int) -> int:
     return max(1, math.ceil(total_batches / MAX_TRAIN_RECORDS))
 
 
-def lines_backwards(fh, block: int = 1 << 16):
-    """(byte offset, line) of a binary file's lines, last first, read `block` bytes at a time from the end:
-    the cost is the lines read, not the file's size."""
-    pos = fh.seek(0, os.SEEK_END)
-    rest = b""  # the start of a line that began in an earlier block
-    while pos > 0:
-        n = min(block, pos)
-        pos -= n
-        fh.seek(pos)
-        lines = (fh.read(n) + rest).split(b"\n")
-        rest = lines[0]
-        offset = pos + len(rest) + 1
-        starts = []
-        for line in lines[1:]:
-            starts.append(offset)
-            offset += len(line) + 1
-        yield from zip(reversed(starts), reversed(lines[1:]))
-    yield 0, rest
-
-
 def truncate_after(path: Path, step: int) -> int:
     """Drop the records past `step` from the end of a metrics log (records are in step order): a resume from
     the checkpoint of `step` truncates the file there and appends, so the history before it is never read or
-    rewritten. A line cut short by a kill goes too. Returns the new size."""
+    rewritten. A line cut short by a kill goes too; a complete last record whose newline a kill cut off gets
+    it back. Returns the new size."""
     if not path.exists():
         return 0
     size = path.stat().st_size
-    cut = 0
+    cut, newline = 0, False
     with open(path, "rb") as fh:
         for offset, line in lines_backwards(fh):
             try:
@@ -138,9 +119,13 @@ def truncate_after(path: Path, step: int) -> int:
                 continue  # empty, or cut short by a kill
             if rec.get("step", math.inf) <= step:
                 cut = min(offset + len(line) + 1, size)
+                newline = offset + len(line) == size  # the record ends the file, without its newline
                 break
     os.truncate(path, cut)
-    return cut
+    if newline:
+        with open(path, "ab") as fh:
+            fh.write(b"\n")
+    return cut + newline
 
 
 class Metrics:
@@ -162,10 +147,8 @@ class Metrics:
                  elapsed_s: float = 0.0, tensorboard: bool = True, log=None):
         self.path, self.every = Path(path), every
         keep_through = resume_step if resume_step is not None else -1  # a new run keeps nothing
-        size = truncate_after(self.path, keep_through)
+        truncate_after(self.path, keep_through)
         self.fh = open(self.path, "ab", buffering=0)
-        if size and _last_byte(self.path) != b"\n":
-            self.fh.write(b"\n")  # a complete record whose newline a kill cut off
         self._window: list[dict] = []
         self._start = (tokens, elapsed_s)  # tokens and seconds before the window's first step
         self.tb = open_tensorboard(self.path.parent, keep_through + 1, log) if tensorboard else None
@@ -231,7 +214,3 @@ def open_tensorboard(folder: Path, purge_step: int, log=None):
     return SummaryWriter(str(folder), purge_step=purge_step, flush_secs=30)
 
 
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1)

@@ -143,6 +143,26 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
+def lines_backwards(fh, block: int = 1 << 16):
+    """(byte offset, line) of a binary file's lines, last first, read `block` bytes at a time from the end:
+    the cost is the lines read, not the file's size."""
+    pos = fh.seek(0, os.SEEK_END)
+    rest = b""  # the start of a line that began in an earlier block
+    while pos > 0:
+        n = min(block, pos)
+        pos -= n
+        fh.seek(pos)
+        lines = (fh.read(n) + rest).split(b"\n")
+        rest = lines[0]
+        offset = pos + len(rest) + 1
+        starts = []
+        for line in lines[1:]:
+            starts.append(offset)
+            offset += len(line) + 1
+        yield from zip(reversed(starts), reversed(lines[1:]))
+    yield 0, rest
+
+
 def read_json(path: str | Path):
     return orjson.loads(Path(path).read_bytes())
 

@@ -18,10 +18,10 @@ from model import run as R
 from model.checkpoint import load_model
 from model.data import TrainData
 from model.run import Metrics
+from pipeline.io import lines_backwards
 from pipeline.shards import ShardReader, ShardWriter
 from tests.synthetic import make_split, random_batches, write_tiny_ini
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_train import ROOT, cli
 
 
 def tiny_run(tmp_path, **split):
@@ -35,16 +35,12 @@ def tiny_run(tmp_path, **split):
     return ini, train_json, val
 
 
-def cli(ini, train_json, val, final, log):
-    return [sys.executable, "-m", "model.train", "--ini", str(ini), "--train", str(train_json), "--val", str(val),
-            "--final", str(final), "--log", str(log)]
-
-
 # --- shards opened when needed ---------------------------------------------------------------------------
 
 def test_training_runs_with_an_open_file_limit_far_below_the_number_of_shards(tmp_path):
     ini, train_json, val = tiny_run(tmp_path, n_chunks=2, shards_per_chunk=60, batches_per_shard=1)
-    n_shards = sum(len(c["shards"]) for c in orjson.loads(train_json.read_bytes())["chunks"])
+    chunks = orjson.loads(train_json.read_bytes())["chunks"]
+    n_shards = sum(len(c["shards"]) for c in chunks)
     limit = 48  # Python, torch and the run's own files need about 20 of these
     assert n_shards == 120 > 2 * limit
 
@@ -56,8 +52,7 @@ def test_training_runs_with_an_open_file_limit_far_below_the_number_of_shards(tm
                           preexec_fn=lower_limit, capture_output=True, text=True)
     assert proc.returncode == 0, (tmp_path / "train.log").read_text()[-3000:] + proc.stderr[-3000:]
     meta = load_model(final)[2]
-    assert meta["tokens"] == orjson.loads(train_json.read_bytes())["chunks"][0]["tokens"] + \
-        orjson.loads(train_json.read_bytes())["chunks"][1]["tokens"]  # every batch of every shard trained on
+    assert meta["tokens"] == chunks[0]["tokens"] + chunks[1]["tokens"]  # every batch of every shard trained on
 
 
 def test_at_most_max_open_shards_are_open_and_batches_are_those_of_the_shards(tmp_path):
@@ -151,7 +146,7 @@ def test_lines_backwards_gives_every_line_with_its_offset(tmp_path):
     data = b"".join(b"x" * n + b"\n" for n in (0, 5, 70000, 3, 0, 1)) + b"tail"
     (tmp_path / "f").write_bytes(data)
     with open(tmp_path / "f", "rb") as fh:
-        got = list(R.lines_backwards(fh, block=1000))
+        got = list(lines_backwards(fh, block=1000))
     assert [line for _, line in reversed(got)] == data.split(b"\n")
     assert all(data[offset:offset + len(line)] == line for offset, line in got)
 
