@@ -35,21 +35,20 @@ def hf_gpt2(arch=ARCH, seed=0, std=0.2, **config):
     cfg = transformers.GPT2Config(vocab_size=VOCAB_SIZE, n_positions=arch.positional_encoding_max_pos,
                                   n_embd=arch.d_model, n_layer=arch.N, n_head=arch.h, n_inner=arch.d_ff,
                                   initializer_range=std, **config)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so that a missed one shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return nudged(transformers.GPT2LMHeadModel(cfg).eval())
 
 
 def our_gpt(arch=ARCH, seed=0):
     torch.manual_seed(seed)
-    model = GPT(arch, init_std=0.2).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    return nudged(GPT(arch, init_std=0.2).eval())
+
+
+@torch.no_grad()
+def nudged(model):
+    """Non-zero biases and LayerNorm parameters, so that a missed one shows."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or ".ln_" in name:
+            p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
