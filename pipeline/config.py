@@ -123,8 +123,8 @@ class Train:
                       "(CUDA with bf16, a CPU with AVX512-BF16/AMX or Arm BF16), float32 elsewhere; bfloat16 and "
                       "float16 are autocast (float16 with a grad scaler)", default="auto")
     compile: str = _key("auto | true | false: torch.compile the model (falls back to eager, with a warning, where "
-                        "compiling fails); auto compiles on a GPU only: on a CPU the compiled step was 0.82x to "
-                        "1.31x the eager one in bench/train.py, and a short CPU run pays the compile time; set true "
+                        "compiling fails); auto compiles on a GPU only: on a CPU the compiled step was 0.86x to "
+                        "1.30x the eager one in bench/train.py, and a short CPU run pays the compile time; set true "
                         "for long CPU runs", default="auto")
     seed: int = _key("seed of initialisation, dropout and data order", default=1337)
     checkpoint_every_steps: int = _key("write a checkpoint every N optimizer steps (and at each chunk's end)",
