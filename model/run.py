@@ -212,5 +212,3 @@ def open_tensorboard(folder: Path, purge_step: int, log=None):
               file=log or sys.stderr, flush=True)
         return None
     return SummaryWriter(str(folder), purge_step=purge_step, flush_secs=30)
-
-
