@@ -95,12 +95,13 @@ class CompiledOrEager(nn.Module):
 @contextlib.contextmanager
 def keep_freed_memory():
     """glibc hands every large free()d block (the logits, 100s of MB) back to the OS, and the next step pays
-    page faults to zero it again; during training keep it in the heap instead (about 15% faster on CPU)."""
+    page faults to zero it again; during training keep it in the heap instead. The default model's CPU step:
+    0.59 s against 0.68 s with glibc's defaults (56,000 page faults a step; GPT-2 small's: 1.05x)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
         libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 40)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # a C int: 1 << 40 wrapped to 0, which trims on every free
     except (OSError, AttributeError):  # not glibc
         yield
         return

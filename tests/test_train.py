@@ -183,6 +183,29 @@ def test_threads_default_to_physical_cores_not_hyperthreads(monkeypatch):
     assert T.physical_cores() == 2
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_memory_freed_during_training_stays_in_the_heap():
+    """Inside keep_freed_memory a freed 64 MB block is reused without page faults (glibc would trim it off the
+    heap and the next step would fault it back in: 16,384 pages). A mallopt value that overflowed a C int once
+    set the trim threshold to 0, which trims on every free. In a fresh interpreter: a heap with nothing else."""
+    code = """if True:
+        import ctypes, resource
+        from model.train import keep_freed_memory
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+        def faults(n=64 * 2**20):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            p = libc.malloc(n)
+            ctypes.memset(p, 1, n)
+            libc.free(p)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        with keep_freed_memory():
+            print([faults() for _ in range(3)])
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    first, *again = orjson.loads(out)
+    assert first > 10_000 and max(again) < 1000, out
+
 # --- a whole (tiny) run ------------------------------------------------------------------------------
 
 def test_training_lowers_the_loss_and_writes_final_pt_and_metrics(tmp_path):
