@@ -115,10 +115,32 @@ def test_no_grad_forward_stores_no_gradients():
 
 
 def test_chunk_rows_fit_the_device():
-    assert L.chunk_rows(torch.device("cpu"), 64) == 64
-    assert L.chunk_rows(torch.device("cpu"), 768) == 256
-    assert L.chunk_rows(torch.device("cpu"), 64, torch.bfloat16) == 1024
-    assert L.chunk_rows(torch.device("cuda"), 768) == 2048
+    assert L.chunk_rows(torch.device("cpu")) == 256
+    assert L.chunk_rows(torch.device("cpu"), torch.bfloat16) == 1024
+    assert L.chunk_rows(torch.device("cuda")) == 2048
+
+
+def test_cpu_float32_logits_are_column_major_and_bfloat16_ones_row_major():
+    h, w, _ = case()
+    z = L._logits(h.detach(), w.detach())
+    assert z.shape == (150, 1024) and z.stride() == (1, 150)
+    torch.testing.assert_close(z, h @ w.t(), rtol=1e-5, atol=1e-5)
+    assert L._logits(h.detach().bfloat16(), w.detach().bfloat16()).stride() == (1024, 1)
+
+
+@pytest.mark.parametrize("tokens", [150, 0])
+def test_the_weight_gradient_overwrites_the_memory_it_is_given(tokens):
+    """grad_w comes from torch.empty (no 150 MB zero fill for GPT-2): the first chunk must overwrite it, the
+    padding rows be zeroed, and no tokens give zeros. The freed NaNs below are what empty() most likely
+    hands out next (glibc reuses a freed block of the same size)."""
+    h, w, y = case(tokens=tokens)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.full(w.shape, float("nan"))  # freed at once
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            grad_w = torch.autograd.grad(L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=64), w)[0]
+            want = torch.autograd.grad(reference(h, w, y), w)[0] if tokens else torch.zeros_like(w)
+        assert grad_w.isfinite().all() and grad_w[VOCAB:].abs().max() == 0
+        assert (grad_w - want).norm() <= (0.02 if dtype == torch.bfloat16 else 1e-5) * want.norm()
 
 
 TINY = Architecture(N=2, d_model=16, d_ff=32, h=2, d_k=8, d_v=8, positional_encoding_max_pos=24)
