@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_threads_default_to_physical_cores_not_hyperthreads(monkeypatch):
     assert T.physical_cores() == 2
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_memory_freed_during_training_stays_in_the_heap():
     """Inside keep_freed_memory a freed 64 MB block is reused without page faults (glibc would trim it off the
     heap and the next step would fault it back in: 16,384 pages). A mallopt value that overflowed a C int once
@@ -205,6 +206,7 @@ def test_memory_freed_during_training_stays_in_the_heap():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     first, *again = orjson.loads(out)
     assert first > 10_000 and max(again) < 1000, out
+
 
 # --- a whole (tiny) run ------------------------------------------------------------------------------
 
