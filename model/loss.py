@@ -77,11 +77,33 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
 
 
+BLOCK_ROWS = 32  # a CPU bfloat16 chunk's rows converted to float32 at a time: 6 MB, so they stay in the cache
+
+
 def _chunk(logits, y_c, probs: bool = False, ignored_c=None):
     """A chunk's (softmax - onehot(y) where probs, zeroed on the rows ignored_c, in the logits' dtype, else
-    None; logsumexp; the target logit), eagerly, in the float32 logits' one buffer: one exp per logit
-    (torch.logsumexp and a softmax after it would take two)."""
-    z = logits.float()
+    None; logsumexp; the target logit), float32, eagerly.
+
+    bfloat16/float16 logits on a CPU go BLOCK_ROWS at a time, each block's p written back over its logits:
+    converted whole, the float32 copy of a 1,024-row chunk is 206 MB, and each of the six passes below
+    would stream it through memory (the softmax took 65 ms a chunk against 39 ms blocked, d_model 64, EPYC)."""
+    if logits.dtype == torch.float32 or logits.device.type != "cpu":
+        return _softmax_terms_eager(logits.float(), y_c, probs, ignored_c, logits.dtype)
+    n = len(y_c)
+    lse = torch.empty(n, dtype=torch.float32)
+    target = torch.empty(n, dtype=torch.float32)
+    for a in range(0, n, BLOCK_ROWS):
+        b = slice(a, a + BLOCK_ROWS)
+        p, lse[b], target[b] = _softmax_terms_eager(logits[b].float(), y_c[b], probs,
+                                                    None if ignored_c is None else ignored_c[b])
+        if probs:
+            logits[b] = p
+    return (logits if probs else None), lse, target
+
+
+def _softmax_terms_eager(z, y_c, probs, ignored_c, dtype=torch.float32):
+    """_chunk's work on float32 logits z, in z's one buffer (overwritten): one exp per logit (torch.logsumexp
+    and a softmax after it would take two)."""
     target = z.gather(1, y_c.clamp(min=0)[:, None])[:, 0]  # an ignored target reads class 0; masked later
     m = z.amax(dim=1)
     e = z.sub_(m[:, None]).exp_()
@@ -93,7 +115,7 @@ def _chunk(logits, y_c, probs: bool = False, ignored_c=None):
     p[torch.arange(len(y_c), device=p.device), y_c.clamp(min=0)] -= 1.0
     if ignored_c is not None:
         p.masked_fill_(ignored_c[:, None], 0.0)
-    return p.to(logits.dtype), lse, target
+    return p.to(dtype), lse, target
 
 
 def _softmax_terms(logits, y):

@@ -84,6 +84,23 @@ def test_under_bfloat16_autocast_the_loss_is_the_autocast_reference_within_bfloa
         assert (a - b).norm() <= 0.02 * b.norm()
 
 
+def test_bfloat16_chunks_converted_a_few_rows_at_a_time_give_what_the_whole_chunk_gives(monkeypatch):
+    """On a CPU a bfloat16 chunk's softmax runs BLOCK_ROWS rows at a time, each block's p written back over
+    its logits: 7 blocks of 10 rows (the last one ragged, the ignored targets inside the first) against one
+    conversion of the whole 64-row chunk, for the loss, both gradients and token_nll_chunked."""
+    h, w, y = case(tokens=150, d=32, ignored=13)
+    out = {}
+    for block in (10, 10**6):
+        monkeypatch.setattr(L, "BLOCK_ROWS", block)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=64)
+            nll = L.token_nll_chunked(h, w, y, vocab=VOCAB, rows=64)
+        out[block] = (loss, *torch.autograd.grad(loss, (h, w)), nll)
+    for a, b in zip(out[10], out[10**6]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert out[10][1][:13].abs().max() == 0 and out[10][3][:13].abs().max() == 0  # ignored: no gradient, 0
+
+
 def test_a_fused_kernel_that_fails_to_compile_falls_back_to_the_eager_loss_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
