@@ -77,6 +77,7 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
 
 
+LOG2E = 1.4426950408889634
 BLOCK_ROWS = 32  # a CPU bfloat16 chunk's rows converted to float32 at a time: 6 MB, so they stay in the cache
 
 
@@ -106,7 +107,11 @@ def _softmax_terms_eager(z, y_c, probs, ignored_c, dtype=torch.float32):
     and a softmax after it would take two)."""
     target = z.gather(1, y_c.clamp(min=0)[:, None])[:, 0]  # an ignored target reads class 0; masked later
     m = z.amax(dim=1)
-    e = z.sub_(m[:, None]).exp_()
+    z.sub_(m[:, None])
+    # on a CPU exp(z - m) as 2^((z - m) log2 e): torch's exp2 kernel ran 2.9x its exp (1.9x under AVX2), the
+    # default model's step 1.05x (float32) and 1.09x (bfloat16) faster, at float32 round-off (7e-6 relative);
+    # on a GPU both are memory-bound and the multiply would be one more pass
+    e = z.mul_(LOG2E).exp2_() if z.device.type == "cpu" else z.exp_()
     s = e.sum(dim=1)
     lse = m + s.log()
     if not probs:
