@@ -15,8 +15,9 @@ only `rows` tokens at a time: for each chunk of tokens
 so the gradients are made in the forward pass, while the chunk's logits exist (the Liger-kernel trick:
 the loss is the last node of the graph, so its backward only scales them by the incoming gradient). Nothing
 of size tokens x vocabulary is stored or recomputed: three matmuls, as autograd's, and tokens x d_model
-extra memory. Splitting the vocabulary too did not pay on a CPU: each chunk's softmax would need a second
-pass over its logits (an online logsumexp first), and the row chunk already bounds the memory.
+extra memory. On a CPU in float32 each chunk is also split by vocabulary (_cpu_float32_chunk): its logits
+are made and exponentiated a cache-sized block at a time, with the normalisation folded into the gradient
+matmuls, so they go through memory twice instead of about eight times.
 """
 
 from __future__ import annotations
@@ -46,30 +47,17 @@ def predicted_positions(seq_len: int, start: int) -> int:
 
 
 def chunk_rows(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    """Tokens per chunk. On a CPU in float32 (column-major logits, see _logits) 256 rows (51 MB of logits)
-    gave the fastest training step for d_model 64 and 768 alike (EPYC, 2 cores, interleaved; 64..512 tried:
-    from 128 up within 2% of each other at d_model 64, 64 itself 17% slower; 512 rows 1.4% faster than 256
-    at d_model 768, within noise, for twice the memory). In bfloat16 oneDNN repacks the whole weight for
-    every matmul call, so fewer, longer chunks pay: 1,024 rows ran 2.4x faster than 64 (and 1.4x autograd's
-    full-logits loss). On a GPU 2,048 rows (400 MB of float32 logits) keep the matmuls at full speed and
-    stay small beside the activations."""
+    """Tokens per chunk. On a CPU in float32 (vocabulary blocks, see _cpu_float32_chunk) 256 rows: the
+    default model's training step ran 5,133 tok/s against 5,092 with 512 and 4,673 with 128 (EPYC, 2 cores,
+    interleaved); for d_model 768 from 256 rows up the matmuls run near full speed. In bfloat16 oneDNN
+    repacks the whole weight for every matmul call, so fewer, longer chunks pay: 1,024 rows ran 2.4x faster
+    than 64 (and 1.4x autograd's full-logits loss). On a GPU 2,048 rows (400 MB of float32 logits) keep the
+    matmuls at full speed and stay small beside the activations."""
     if device.type != "cpu":
         return 2048
     if dtype != torch.float32:
         return 1024
     return 256
-
-
-def _logits(h_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h_c @ w.T. On a CPU in float32 computed as (w @ h_c.T).T: the same logits (within round-off) in a
-    column-major buffer, which every later step reads through this view (the softmax reduces along the
-    strided dimension; p @ w and p.T @ h_c pass the transposed operand to BLAS as a flag). MKL's sgemm is
-    slow when the chunk is the product's first, short dimension: (256, 768) x (768, 50257) ran at 110-121
-    GFLOP/s, (50257, 768) x (768, 256) at 158-174. GPT-2 small's training step: 1.04x faster (interleaved,
-    eager). bfloat16 (oneDNN) and GPUs keep the row-major product."""
-    if h_c.device.type == "cpu" and w.dtype == torch.float32:
-        return (w @ h_c.t()).t()
-    return h_c @ w.t()
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -123,6 +111,56 @@ def _softmax_terms_eager(z, y_c, probs, ignored_c, dtype=torch.float32):
     return p.to(dtype), lse, target
 
 
+VOCAB_BLOCK = 4096  # CPU float32: vocabulary rows per block of logits (4 MB for 256 tokens: in the cache)
+
+
+def _cpu_float32_chunk(h_c, w, y_c, ignored_c=None, grad_w=None, first=True):
+    """A chunk's nll (R,) on a CPU in float32 and, given grad_w, dL/dh_c (R, d) with dL/dW added into grad_w
+    (written over where first): the logits made one block of VOCAB_BLOCK vocabulary rows at a time and used
+    while the block is in the cache.
+
+    Block b of W gives z_b = W_b h^T (column-major: MKL's sgemm is slow with the chunk as the first, short
+    dimension), its maxima m_b over the block, e_b = exp(z_b - m_b) in place, s_b = sum e_b and e_b^T W_b.
+    With M = max_b m_b, S = sum_b exp(m_b - M) s_b and c_b = exp(m_b - M) / S (flash attention's rescaling):
+
+        lse = M + log S      dL/dh = sum_b c_b (e_b^T W_b) - W[y]      dL/dW_b = e_b (c_b h) - onehot(y)_b^T h
+
+    the last in a second pass that reads each e_b once. The logits are written once and read once, where
+    normalising the whole chunk's softmax in memory streamed them eight times: d_model 64's loss ran 1.25x
+    faster (EPYC, 2 cores; the same at d_model 768, whose matmuls are nearly all of it)."""
+    V, R = w.shape[0], h_c.shape[0]
+    z = torch.empty(V, R, dtype=torch.float32)
+    y = y_c.clamp(min=0)  # an ignored target reads class 0; masked below and by the caller
+    target = torch.empty(R, dtype=torch.float32)
+    m, s, e_w = [], [], []
+    for v in range(0, V, VOCAB_BLOCK):
+        z_b = torch.mm(w[v:v + VOCAB_BLOCK], h_c.t(), out=z[v:v + VOCAB_BLOCK])
+        here = (y >= v) & (y < v + z_b.shape[0])
+        target = torch.where(here, z_b.gather(0, (y - v).clamp(0, z_b.shape[0] - 1)[None])[0], target)
+        m_b = z_b.amax(dim=0)
+        e_b = z_b.sub_(m_b).mul_(LOG2E).exp2_()  # exp as exp2: see _softmax_terms_eager
+        s.append(e_b.sum(dim=0))
+        m.append(m_b)
+        if grad_w is not None:
+            e_w.append(e_b.t() @ w[v:v + VOCAB_BLOCK])
+    m, s = torch.stack(m), torch.stack(s)
+    M = m.amax(dim=0)
+    c = (m - M).mul_(LOG2E).exp2_()  # (blocks, R)
+    S = (c * s).sum(dim=0)
+    nll = M + S.log() - target
+    if grad_w is None:
+        return nll, None
+    scored = None if ignored_c is None else ~ignored_c
+    c.mul_(S.reciprocal() if scored is None else S.reciprocal() * scored)  # an ignored row: no gradient
+    grad_h = torch.einsum("br,brd->rd", c, torch.stack(e_w))
+    grad_h.sub_(w[y] if scored is None else w[y] * scored[:, None])
+    for i, v in enumerate(range(0, V, VOCAB_BLOCK)):
+        g = grad_w[v:v + VOCAB_BLOCK]
+        g.addmm_(z[v:v + VOCAB_BLOCK], h_c * c[i][:, None], beta=0.0 if first else 1.0)
+    grad_w.index_add_(0, y if scored is None else y[scored], h_c if scored is None else h_c[scored], alpha=-1.0)
+    return nll, grad_h
+
+
 def _softmax_terms(logits, y):
     """(softmax - onehot(y), zeroed where y < 0, in the logits' dtype; logsumexp; the target logit) of a
     chunk's logits, as one expression for torch.compile: it becomes two passes over the logits (a row's max
@@ -147,8 +185,9 @@ def compile_error(e: BaseException) -> str:
 
 def fused_softmax_terms(logits, y):
     """_softmax_terms compiled (once, for any chunk shape), or None where compiling fails (no C++ compiler
-    for the CPU backend, say): then the eager path runs, after one warning. In float32 it holds p beside the
-    logits (the eager path reuses the logits' buffer): one more chunk of tokens x vocab."""
+    for the CPU backend, say): then the eager path runs, after one warning. Used on GPUs and for a CPU's
+    bfloat16 (a CPU's float32 chunks take _cpu_float32_chunk, faster than it). In float32 it holds p beside
+    the logits (the eager path reuses the logits' buffer): one more chunk of tokens x vocab."""
     if _fused["failed"]:
         return None
     if _fused["fn"] is None:
@@ -191,7 +230,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             for a in range(0, h.shape[0], rows):
                 h_c, y_c = hd[a:a + rows], y[a:a + rows]
                 ignored_c = ignored[a:a + rows] if any_ignored else None
-                logits = _logits(h_c, w)
+                if device.type == "cpu" and dtype == torch.float32:  # fused or not: it beat the compiled kernel
+                    nll, g_h = _cpu_float32_chunk(h_c, w, y_c, ignored_c, grad_w[:vocab] if need_grad else None,
+                                                  first=a == 0)
+                    loss += (nll if ignored_c is None else nll.masked_fill(ignored_c, 0.0)).sum()
+                    if need_grad:
+                        grad_h[a:a + rows] = g_h
+                    continue
+                logits = h_c @ w.t()
                 terms = fused_softmax_terms(logits, y_c) if (fused and need_grad) else None
                 p, lse, target = terms if terms is not None else _chunk(logits, y_c, need_grad, ignored_c)
                 nll = lse - target
@@ -247,7 +293,10 @@ def token_nll_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         w = weight[:vocab].to(dtype)
         hd = h.to(dtype)
         for a in range(0, h.shape[0], rows):
-            _, lse, target = _chunk(_logits(hd[a:a + rows], w), y[a:a + rows])
+            if h.device.type == "cpu" and dtype == torch.float32:
+                out[a:a + rows] = _cpu_float32_chunk(hd[a:a + rows], w, y[a:a + rows])[0]
+                continue
+            _, lse, target = _chunk(hd[a:a + rows] @ w.t(), y[a:a + rows])
             out[a:a + rows] = lse - target
     return out.masked_fill_(y < 0, 0.0).view(targets.shape)
 

@@ -41,7 +41,7 @@ def fused_kernel_not_failed(monkeypatch):
 def test_chunked_loss_and_gradients_equal_full_logits_cross_entropy_in_float32(rows, ignored, fused):
     h, w, y = case(ignored=ignored)
     chunked = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=rows, fused=fused)
-    assert not L._fused["failed"]  # fused: the compiled kernel ran
+    assert not L._fused["failed"]  # fused asked for: on a CPU in float32 the vocabulary-block path all the same
     ref = reference(h, w, y)
     assert chunked.dtype == torch.float32
     torch.testing.assert_close(chunked, ref, rtol=2e-6, atol=0)
@@ -107,12 +107,27 @@ def test_a_fused_kernel_that_fails_to_compile_falls_back_to_the_eager_loss_with_
     monkeypatch.setitem(L._fused, "fn", broken)
     monkeypatch.setitem(L._fused, "failed", False)
     h, w, y = case()
-    with pytest.warns(UserWarning, match="fused loss kernel failed to compile .*no C\\+\\+ compiler") as caught:
-        fused = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16, fused=True)  # 10 chunks, one warning
-    assert L._fused["failed"] and len([w for w in caught if "fused loss" in str(w.message)]) == 1
-    assert fused.item() == L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16).item()
-    torch.testing.assert_close(torch.autograd.grad(fused, (h, w)),
-                               torch.autograd.grad(reference(h, w, y), (h, w)), rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a CPU's float32 chunks never take the fused kernel
+        with pytest.warns(UserWarning, match="fused loss kernel failed to compile .*no C\\+\\+ compiler") as caught:
+            fused = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16, fused=True)  # 10 chunks, one warning
+        assert L._fused["failed"] and len([w for w in caught if "fused loss" in str(w.message)]) == 1
+        eager = L.linear_cross_entropy(h, w, y, vocab=VOCAB, rows=16)
+    assert fused.item() == eager.item()
+    torch.testing.assert_close(torch.autograd.grad(fused, (h, w)), torch.autograd.grad(eager, (h, w)))
+
+
+@pytest.mark.parametrize("ignored", [0, 7])
+def test_the_fused_kernel_computes_the_eager_chunks_terms_in_float32(ignored):
+    """What a GPU runs in float32 when the model is compiled (a CPU's float32 chunks take
+    _cpu_float32_chunk instead): p = softmax - onehot, zero on ignored rows; logsumexp; target logit."""
+    h, w, y = case(ignored=ignored)
+    logits = (h @ w[:VOCAB].t()).detach()
+    p, lse, target = L.fused_softmax_terms(logits, y)
+    assert not L._fused["failed"]
+    ignored_c = (y < 0) if ignored else None
+    want = L._chunk(logits.clone(), y, True, ignored_c)
+    for a, b in zip((p, lse, target), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_token_nll_chunked_is_the_per_token_cross_entropy_and_0_at_ignored_targets():
@@ -137,12 +152,25 @@ def test_chunk_rows_fit_the_device():
     assert L.chunk_rows(torch.device("cuda")) == 2048
 
 
-def test_cpu_float32_logits_are_column_major_and_bfloat16_ones_row_major():
-    h, w, _ = case()
-    z = L._logits(h.detach(), w.detach())
-    assert z.shape == (150, 1024) and z.stride() == (1, 150)
-    torch.testing.assert_close(z, h @ w.t(), rtol=1e-5, atol=1e-5)
-    assert L._logits(h.detach().bfloat16(), w.detach().bfloat16()).stride() == (1024, 1)
+@pytest.mark.parametrize("block", [100, 4096])  # 10 vocabulary blocks (a target in each); one
+def test_cpu_float32_chunks_by_vocabulary_block_give_the_softmax_gradients(monkeypatch, block):
+    """_cpu_float32_chunk folds the normalisation into the matmuls (e_b with per-block maxima, rescaled):
+    its nll, dL/dh and dL/dW, written over NaN-filled memory (first) and then added to, against autograd."""
+    monkeypatch.setattr(L, "VOCAB_BLOCK", block)
+    h, w, y = case(ignored=9)
+    h, w = h.detach(), w.detach()[:VOCAB]
+    ignored = y < 0
+    grad_w = torch.full(w.shape, float("nan"))
+    nll, grad_h = L._cpu_float32_chunk(h, w, y, ignored, grad_w, first=True)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(hh @ ww.t(), y, reduction="none", ignore_index=L.IGNORE)
+    want_h, want_w = torch.autograd.grad(ref.sum(), (hh, ww))
+    torch.testing.assert_close(nll[~ignored], ref[~ignored], rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad_h, want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_w, want_w, rtol=1e-5, atol=1e-6)
+    assert grad_h[:9].abs().max() == 0
+    L._cpu_float32_chunk(h, w, y, ignored, grad_w, first=False)  # a second chunk adds
+    torch.testing.assert_close(grad_w, 2 * want_w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tokens", [150, 0])
