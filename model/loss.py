@@ -230,21 +230,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             for a in range(0, h.shape[0], rows):
                 h_c, y_c = hd[a:a + rows], y[a:a + rows]
                 ignored_c = ignored[a:a + rows] if any_ignored else None
-                if device.type == "cpu" and dtype == torch.float32:  # fused or not: it beat the compiled kernel
+                by_vocabulary = device.type == "cpu" and dtype == torch.float32  # fused or not: it beat the kernel
+                if by_vocabulary:  # its gradients made inside, dL/dW added into grad_w
                     nll, g_h = _cpu_float32_chunk(h_c, w, y_c, ignored_c, grad_w[:vocab] if need_grad else None,
                                                   first=a == 0)
-                    loss += (nll if ignored_c is None else nll.masked_fill(ignored_c, 0.0)).sum()
-                    if need_grad:
-                        grad_h[a:a + rows] = g_h
-                    continue
-                logits = h_c @ w.t()
-                terms = fused_softmax_terms(logits, y_c) if (fused and need_grad) else None
-                p, lse, target = terms if terms is not None else _chunk(logits, y_c, need_grad, ignored_c)
-                nll = lse - target
+                else:
+                    logits = h_c @ w.t()
+                    terms = fused_softmax_terms(logits, y_c) if (fused and need_grad) else None
+                    p, lse, target = terms if terms is not None else _chunk(logits, y_c, need_grad, ignored_c)
+                    nll = lse - target
                 if ignored_c is not None:
                     nll = nll.masked_fill(ignored_c, 0.0)
                 loss += nll.sum()
                 if not need_grad:
+                    continue
+                if by_vocabulary:
+                    grad_h[a:a + rows] = g_h
                     continue
                 grad_h[a:a + rows] = p @ w
                 if dtype == torch.float32:  # beta 0: the first chunk ignores what empty() left there
