@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from model.checkpoint import ModelFileError, load_model, save_model
-from model.gpt import GPT, PADDED_VOCAB_SIZE
+import torch.nn.functional as F
+
+from model.gpt import GPT, PADDED_VOCAB_SIZE, CausalAttentionCPU
 from pipeline.config import VOCAB_SIZE, Architecture
 
 TINY = Architecture(N=2, d_model=32, d_ff=64, h=4, d_k=8, d_v=8, positional_encoding_max_pos=48)
@@ -80,6 +82,41 @@ def test_logits_are_gpt2s_vocabulary_and_causal():
     assert a.shape == (2, 12, VOCAB_SIZE)
     assert torch.equal(a[:, :7], b[:, :7])        # a later token never changes an earlier prediction
     assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("T", [1, 64, 130])  # one query, one whole block, two blocks and a 2-query block
+def test_blocked_cpu_attention_equals_sdpa_values_and_gradients(T):
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 3, T, 8, dtype=torch.float64) for _ in range(3)]
+    g = torch.randn(2, 3, T, 8, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        ours = [t.to(dtype).detach().requires_grad_() for t in inputs]
+        theirs = [t.detach().clone().requires_grad_() for t in inputs]
+        out = CausalAttentionCPU.apply(*ours)
+        ref = F.scaled_dot_product_attention(*theirs, is_causal=True)
+        out.backward(g.to(dtype))
+        ref.backward(g)
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        for mine, exact in zip(ours, theirs):
+            torch.testing.assert_close(mine.grad.double(), exact.grad, atol=10 * tol, rtol=10 * tol)
+
+
+def test_blocked_cpu_attention_in_bfloat16_is_within_bfloat16_round_off():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 130, 16, dtype=torch.float64) * 1.5 for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ours = CausalAttentionCPU.apply(*(t.bfloat16() for t in (q, k, v))).double()
+    assert ours.dtype == torch.float64 and (ours - exact).norm() / exact.norm() < 2e-2
+
+
+def test_training_forward_takes_the_blocked_attention_on_a_cpu(monkeypatch):
+    model = tiny_model()
+    idx = torch.randint(0, VOCAB_SIZE, (2, 40))
+    calls = []
+    monkeypatch.setattr(CausalAttentionCPU, "apply", lambda *a: calls.append(1) or F.scaled_dot_product_attention(
+        *a, is_causal=True))
+    model.hidden_states(idx)
+    assert len(calls) == TINY.N
 
 
 def test_kv_cache_gives_the_full_forwards_logits_and_reorders_rows():
