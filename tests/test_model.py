@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-
-from model.checkpoint import ModelFileError, load_model, save_model
 import torch.nn.functional as F
 
+from model.checkpoint import ModelFileError, load_model, save_model
 from model.gpt import GPT, PADDED_VOCAB_SIZE, CausalAttentionCPU
 from pipeline.config import VOCAB_SIZE, Architecture
 
