@@ -64,16 +64,21 @@ class CausalAttentionCPU(torch.autograd.Function):
     def forward(ctx, q, k, v):
         shape = q.shape
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B h, T, d_k)
-        T, scale = q.shape[1], 1.0 / math.sqrt(q.shape[2])
+        T = q.shape[1]
         mask = torch.full((T, T), float("-inf"), dtype=q.dtype).triu_(1)
         out = torch.empty_like(q)
         for a in range(0, T, QUERY_BLOCK):
             b = min(a + QUERY_BLOCK, T)  # queries a..b-1 see keys 0..b-1
-            s = torch.baddbmm(mask[a:b, :b], q[:, a:b], k[:, :b].transpose(1, 2), alpha=scale)
-            out[:, a:b] = torch.bmm(torch.softmax(s, dim=-1), v[:, :b])
+            out[:, a:b] = torch.bmm(CausalAttentionCPU._probs(q, k, mask, a, b), v[:, :b])
         ctx.save_for_backward(q, k, v, out, mask)
         ctx.shape = shape
         return out.view(shape)
+
+    @staticmethod
+    def _probs(q, k, mask, a, b):
+        """The softmax of queries a..b-1 over keys 0..b-1: made by the forward, remade by the backward."""
+        s = torch.baddbmm(mask[a:b, :b], q[:, a:b], k[:, :b].transpose(1, 2), alpha=1.0 / math.sqrt(q.shape[2]))
+        return torch.softmax(s, dim=-1)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -87,8 +92,7 @@ class CausalAttentionCPU(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for a in range(0, T, QUERY_BLOCK):
             b = min(a + QUERY_BLOCK, T)
-            s = torch.baddbmm(mask[a:b, :b], q[:, a:b], k[:, :b].transpose(1, 2), alpha=scale)
-            p = torch.softmax(s, dim=-1)
+            p = CausalAttentionCPU._probs(q, k, mask, a, b)
             dv[:, :b].baddbmm_(p.transpose(1, 2), d_out[:, a:b])
             ds = torch.bmm(d_out[:, a:b], v[:, :b].transpose(1, 2)).sub_(delta[:, a:b]).mul_(p)
             dq[:, a:b] = torch.bmm(ds, k[:, :b]).mul_(scale)
