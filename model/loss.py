@@ -227,10 +227,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 (grad_w[vocab:] if h.shape[0] else grad_w).zero_()
             ignored = y < 0
             any_ignored = bool(ignored.any())
+            by_vocabulary = device.type == "cpu" and dtype == torch.float32  # fused or not: it beat the kernel
             for a in range(0, h.shape[0], rows):
                 h_c, y_c = hd[a:a + rows], y[a:a + rows]
                 ignored_c = ignored[a:a + rows] if any_ignored else None
-                by_vocabulary = device.type == "cpu" and dtype == torch.float32  # fused or not: it beat the kernel
                 if by_vocabulary:  # its gradients made inside, dL/dW added into grad_w
                     nll, g_h = _cpu_float32_chunk(h_c, w, y_c, ignored_c, grad_w[:vocab] if need_grad else None,
                                                   first=a == 0)
