@@ -16,6 +16,8 @@ Trainers, each taking the same batches: forward, backward, gradient norm clipped
            the full logits
   plain    a textbook GPT-2 written below: nn.Linear, SDPA, tied weights, full logits, F.cross_entropy,
            torch.optim.AdamW
+  project-mkl  (only when named in --trainers) the project with model/matmul.py's oneDNN products off: what
+           they are worth, in the same run
 
 Each round runs `steps` steps of every trainer, in an order that rotates, so a machine that slows down (other
 jobs, heat) slows all of them; tokens/s is the median over rounds. MFU = 6 N tokens/s / peak (N: parameters
@@ -61,12 +63,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.device import DTYPES, autocast, cpu_bf16_reported, disable_cudnn_attention  # noqa: E402
 from model.hf import hf_config  # noqa: E402
 from model.gpt import GPT  # noqa: E402
+from model import matmul  # noqa: E402
 from model.loss import LossModel, inputs_and_targets  # noqa: E402
 from model.optim import make_optimizer  # noqa: E402
 from model.train import CompiledOrEager, keep_freed_memory, physical_cores  # noqa: E402
 from pipeline.config import EOT, VOCAB_SIZE, Architecture, Train, load_settings  # noqa: E402
 
-TRAINERS = ("project", "hf", "plain")
+TRAINERS = ("project", "hf", "plain")  # and, asked for by --trainers, project-mkl: the project without oneDNN
 LR = 3e-4
 
 # Dense datasheet peaks, TFLOP/s (float32: TF32 tensor cores where the GPU has them, as training enables
@@ -91,23 +94,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device, dtype, seconds=2.0, yardstick: float | None = None) -> float:
+def matmul_peak(device, dtype, seconds=2.0, yardstick: float | None = None, product=torch.matmul) -> float:
     """FLOP/s of the best of repeated n x n @ n x n matmuls over a few sizes (the practical peak). A dtype
     under a quarter of the yardstick (float32's peak) on the first size is emulated: the larger sizes would
-    take minutes (0.3 GFLOP/s for bfloat16 on an AVX2 CPU) and are not tried."""
+    take minutes (0.3 GFLOP/s for bfloat16 on an AVX2 CPU) and are not tried. product: torch's (MKL for a
+    CPU's float32) or model/matmul.py's oneDNN one (a @ b^T, the same FLOPs)."""
     best = 0.0
     for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
         if yardstick and best and best < yardstick / 4:
             break
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
+        product(a, b)
         sync(device)
         t_end = time.perf_counter() + seconds / 2
         while time.perf_counter() < t_end:
             t0 = time.perf_counter()
             for _ in range(3):
-                a @ b
+                product(a, b)
             sync(device)
             best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t0))
     return best
@@ -211,6 +215,16 @@ def build(name, arch, device, dtype, compiled, start) -> Trainer:
     torch.manual_seed(0)
     amp = lambda: autocast(device, dtype)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    if name == "project-mkl":  # the project's step with model/matmul.py's oneDNN products off
+        inner = build("project", arch, device, dtype, compiled, start)
+
+        def step(x, y):
+            matmul.ENABLED = False
+            try:
+                inner.step(x, y)
+            finally:
+                matmul.ENABLED = True
+        return Trainer(name, step, inner.params, inner.opt)
     if name == "project":  # model/train.py's train_step, one batch per optimizer step
         gpt = GPT(arch, P_drop=0.0).to(device)
         model = LossModel(gpt, fused_loss=compiled)
@@ -391,6 +405,13 @@ def main(argv=None):
     asked = list(DTYPES) if a.dtypes == "native" else a.dtypes.split(",")
     # float32 always: the yardstick that tells an emulated dtype
     peaks = {"float32": matmul_peak(device, torch.float32)}
+    if matmul.use_onednn(torch.empty(0, device=device)):
+        # the project's float32 matmuls go to oneDNN where it is faster (model/matmul.py): the peak is the
+        # faster library's, so that no trainer's MFU is stated against a peak it outruns
+        torch_peak, onednn_peak = peaks["float32"], matmul_peak(device, torch.float32, product=matmul.mm_nt)
+        peaks["float32"] = max(torch_peak, onednn_peak)
+        print(f"# matmul float32: torch (MKL) {torch_peak / 1e9:.1f}, oneDNN {onednn_peak / 1e9:.1f} GFLOP/s; "
+              f"the peak below is the higher")
     peaks.update({dt: matmul_peak(device, DTYPES[dt], yardstick=peaks["float32"]) for dt in asked if dt != "float32"})
     status = native_dtypes(device, peaks)
     dtypes = [dt for dt in asked if a.dtypes != "native" or status[dt] == "native"]

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from pipeline.config import VOCAB_SIZE, Architecture
 
+from model.matmul import Linear
+
 PADDED_VOCAB_SIZE = (VOCAB_SIZE + 63) // 64 * 64  # 50,304
 
 
@@ -104,8 +106,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, arch: Architecture, P_drop: float, attention_dropout: bool = False):
         super().__init__()
         self.h, self.d_k = arch.h, arch.d_k
-        self.c_attn = nn.Linear(arch.d_model, 3 * arch.d_model)  # queries, keys, values of all heads at once
-        self.c_proj = nn.Linear(arch.d_model, arch.d_model)
+        self.c_attn = Linear(arch.d_model, 3 * arch.d_model)  # queries, keys, values of all heads at once
+        self.c_proj = Linear(arch.d_model, arch.d_model)
         # Dropout on the attention weights is GPT-2's (attn_pdrop), not the original project's: off by default.
         self.attn_P_drop = P_drop if attention_dropout else 0.0
         self.resid_dropout = nn.Dropout(P_drop)
@@ -139,8 +141,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, arch: Architecture, P_drop: float):
         super().__init__()
-        self.c_fc = nn.Linear(arch.d_model, arch.d_ff)
-        self.c_proj = nn.Linear(arch.d_ff, arch.d_model)
+        self.c_fc = Linear(arch.d_model, arch.d_ff)
+        self.c_proj = Linear(arch.d_ff, arch.d_model)
         self.dropout = nn.Dropout(P_drop)
 
     def forward(self, x):
