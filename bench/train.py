@@ -219,11 +219,11 @@ def build(name, arch, device, dtype, compiled, start) -> Trainer:
         inner = build("project", arch, device, dtype, compiled, start)
 
         def step(x, y):
-            matmul.ENABLED = False
+            was, matmul.ENABLED = matmul.ENABLED, False
             try:
                 inner.step(x, y)
             finally:
-                matmul.ENABLED = True
+                matmul.ENABLED = was
         return Trainer(name, step, inner.params, inner.opt)
     if name == "project":  # model/train.py's train_step, one batch per optimizer step
         gpt = GPT(arch, P_drop=0.0).to(device)
@@ -405,9 +405,9 @@ def main(argv=None):
     asked = list(DTYPES) if a.dtypes == "native" else a.dtypes.split(",")
     # float32 always: the yardstick that tells an emulated dtype
     peaks = {"float32": matmul_peak(device, torch.float32)}
-    if matmul.use_onednn(torch.empty(0, device=device)):
-        # the project's float32 matmuls go to oneDNN where it is faster (model/matmul.py): the peak is the
-        # faster library's, so that no trainer's MFU is stated against a peak it outruns
+    if matmul.AVAILABLE and device.type == "cpu":
+        # some of the project's float32 matmuls go to oneDNN (model/matmul.py): the peak is the faster
+        # library's, so that no trainer's MFU is stated against a peak it outruns
         torch_peak, onednn_peak = peaks["float32"], matmul_peak(device, torch.float32, product=matmul.mm_nt)
         peaks["float32"] = max(torch_peak, onednn_peak)
         print(f"# matmul float32: torch (MKL) {torch_peak / 1e9:.1f}, oneDNN {onednn_peak / 1e9:.1f} GFLOP/s; "

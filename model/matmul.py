@@ -3,13 +3,15 @@
 torch multiplies float32 matrices on a CPU with MKL's sgemm. oneDNN (bundled with torch, which uses it for
 bfloat16 and for inference-time fusions) multiplies the same float32 matrices, in float32, faster on the CPUs
 we measured: GPT-2 small's layer shapes ran 1.04-1.08x faster forward and 1.05-1.08x for the input gradient,
-the loss's (4,096 x 768) x (768 x 256) logit blocks 1.12-1.15x (AMD EPYC Zen 4, 2 cores, interleaved medians;
-also faster under emulated AVX2). It is only faster with a contiguous left operand (a transposed one is
-copied first, and loses), so it takes the products whose left operand is contiguous: a linear layer's forward
-x W^T + b and input gradient g W, not its weight gradient g^T x (MKL's, as before).
+the loss's (4,096 x 768) x (768 x 256) logit blocks 1.12-1.15x (AMD EPYC Zen 4, 2 cores, interleaved medians),
+and GPT-2 small's whole step 1.07x compiled, 1.10x eager (bench/train.py's project-mkl). It is only faster
+with a contiguous left operand (a transposed one is copied first, and loses), so it takes the products whose
+left operand is contiguous: a linear layer's forward x W^T + b and input gradient g W, not its weight
+gradient g^T x (MKL's, as before).
 
-Where oneDNN is missing (a torch built without it), on other devices, under autocast and in other dtypes,
-everything here is torch's own F.linear / matmul: the same values up to float32 round-off.
+On CPUs without AVX-512 only the loss's products take it (see LAYERS). Where oneDNN is missing (a torch built
+without it), on other devices, under autocast and in other dtypes, everything here is torch's own F.linear /
+matmul: the same values up to float32 round-off.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-ENABLED = True  # False: MKL everywhere (the bench's A/B, and a way out should a oneDNN build misbehave)
 
 
 def _available() -> bool:
@@ -28,6 +28,19 @@ def _available() -> bool:
         return False
 
 
+def _avx512() -> bool:
+    try:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ENABLED = True  # False: MKL everywhere (the bench's project-mkl, and a way out should a oneDNN build misbehave)
+# The linear layers too, where that was measured to pay: CPUs with AVX-512. Under emulated AVX2
+# (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 on the same EPYC) oneDNN's input gradient g W, its weight
+# read transposed, ran 0.72-0.89x MKL's, the small layers of the default model 0.81-0.96x, and GPT-2 small's
+# step 0.94x eager; the loss's products still won there (1.09-1.30x), so the loss keeps them on every CPU.
+LAYERS = _avx512()
 AVAILABLE = _available()
 
 
@@ -78,7 +91,7 @@ class _LinearFunction(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN on a CPU in float32 (see the module), for x of any rank."""
-    if not use_onednn(x, weight, *(() if bias is None else (bias,))):
+    if not (LAYERS and use_onednn(x, weight, *(() if bias is None else (bias,)))):
         return F.linear(x, weight, bias)
     y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

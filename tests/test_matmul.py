@@ -3,7 +3,11 @@ do not apply."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,31 @@ from model import loss as L, matmul as M
 from model.gpt import GPT
 from pipeline.config import Architecture
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_onednn = pytest.mark.skipif(not M.AVAILABLE, reason="this torch has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """Each test starts with the oneDNN path on, the layers' too, also on a CPU without AVX-512 (where the
+    layers keep MKL by default)."""
+    monkeypatch.setattr(M, "ENABLED", True)
+    monkeypatch.setattr(M, "LAYERS", True)
+
+
+@pytest.mark.parametrize("capability", ["native", "avx2"])
+def test_onednn_layers_are_on_by_default_on_avx512_cpus_only(capability):
+    """A new process decides from torch's CPU capability: the layers on oneDNN with AVX-512, on MKL on an
+    AVX2-only CPU (emulated here as the bench does, with ATEN_CPU_CAPABILITY); the loss's products on both."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability == "avx2":
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    out = subprocess.run([sys.executable, "-c", "import torch, model.matmul as M; "
+                          "print(torch.backends.cpu.get_cpu_capability(), M.LAYERS, M.ENABLED)"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:] == [str(out[0].startswith("AVX512")), "True"]
+    if capability == "avx2":
+        assert out == ["AVX2", "False", "True"]
 
 
 @pytest.fixture
@@ -58,11 +86,13 @@ def test_linear_equals_f_linear_values_and_gradients_in_float32(calls, shape, bi
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["disabled", "float64", "bfloat16 autocast", "unavailable"])
+@pytest.mark.parametrize("case", ["disabled", "layers off", "float64", "bfloat16 autocast", "unavailable"])
 def test_linear_is_f_linear_where_onednn_does_not_apply(calls, monkeypatch, case):
     x, w, b = torch.randn(20, 8), torch.randn(5, 8), torch.randn(5)
     if case == "disabled":
         monkeypatch.setattr(M, "ENABLED", False)
+    if case == "layers off":
+        monkeypatch.setattr(M, "LAYERS", False)
     if case == "unavailable":
         monkeypatch.setattr(M, "AVAILABLE", False)
     if case == "float64":
