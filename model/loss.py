@@ -135,14 +135,13 @@ def _cpu_float32_chunk(h_c, w, y_c, ignored_c=None, grad_w=None, first=True):
     (2,020 tokens, EPYC Zen 4, 2 cores, interleaved medians; the (R, V) layout alone, with MKL, 158)."""
     V, R = w.shape[0], h_c.shape[0]
     y = y_c.clamp(min=0)  # an ignored target reads class 0; masked below and by the caller
-    rows = torch.arange(R)
     target = torch.empty(R, dtype=torch.float32)
     m, s, e_w, es = [], [], [], []
     for v in range(0, V, VOCAB_BLOCK):
         w_b = w[v:v + VOCAB_BLOCK]
         z_b = mm_nt(h_c, w_b)  # (R, block)
         here = (y >= v) & (y < v + z_b.shape[1])
-        target = torch.where(here, z_b[rows, (y - v).clamp(0, z_b.shape[1] - 1)], target)
+        target = torch.where(here, z_b.gather(1, (y - v).clamp(0, z_b.shape[1] - 1)[:, None])[:, 0], target)
         m_b = z_b.amax(dim=1)
         e_b = z_b.sub_(m_b[:, None]).mul_(LOG2E).exp2_()  # exp as exp2: see _softmax_terms_eager
         s.append(e_b.sum(dim=1))

@@ -64,26 +64,28 @@ def _(a, b, bias):
 
 def mm_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b.T (+ bias) for a (M, K) and b (N, K): oneDNN where use_onednn, else torch's addmm/mm. No autograd
-    (_LinearFunction supplies it); b may be a transposed view (oneDNN reads it in place), a is made contiguous."""
+    (the loss makes its gradients itself); b may be a transposed view (oneDNN reads it in place), a is made
+    contiguous."""
     if use_onednn(a, b):
         return _onednn_mm_nt(a, b, bias)
     return torch.addmm(bias, a, b.t()) if bias is not None else a @ b.t()
 
 
 class _LinearFunction(torch.autograd.Function):
-    """y = x W^T + b for 2-D x, forward and input gradient through mm_nt, weight gradient g^T x through torch."""
+    """y = x W^T + b for 2-D x (`linear` has chosen oneDNN): forward and input gradient through oneDNN, weight
+    gradient g^T x through torch."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return mm_nt(x, weight, bias)
+        return _onednn_mm_nt(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        g = g.contiguous()
-        grad_x = mm_nt(g, weight.t()) if ctx.needs_input_grad[0] else None  # g W: W^T's transpose, read in place
+        # g W: W^T's transpose, read in place; g made contiguous inside the op
+        grad_x = _onednn_mm_nt(g, weight.t(), None) if ctx.needs_input_grad[0] else None
         grad_w = g.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
