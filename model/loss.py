@@ -185,8 +185,12 @@ _fused = {"fn": None, "failed": False}
 
 
 def compile_error(e: BaseException) -> str:
-    """What a torch.compile failure says, in one line (inductor's messages run to pages)."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    """What a torch.compile failure says, in one line (inductor's messages run to pages). Dynamo's
+    BackendCompilerFailed says only "backend='inductor' raised:" on its first line: name the error it wraps."""
+    name, inner = type(e).__name__, getattr(e, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        name, e = f"{name}: {type(inner).__name__}", inner
+    return f"{name}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def fused_softmax_terms(logits, y):

@@ -91,7 +91,9 @@ def test_blocked_cpu_attention_equals_sdpa_values_and_gradients(T):
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         ours = [t.to(dtype).detach().requires_grad_() for t in inputs]
         theirs = [t.detach().clone().requires_grad_() for t in inputs]
+        given = [t.detach().clone() for t in ours]
         out = CausalAttentionCPU.apply(*ours)
+        assert all(torch.equal(mine, t) for mine, t in zip(ours, given))  # q is scaled in a copy, not in place
         ref = F.scaled_dot_product_attention(*theirs, is_causal=True)
         out.backward(g.to(dtype))
         ref.backward(g)

@@ -177,6 +177,16 @@ def test_a_model_that_fails_to_compile_trains_eagerly_with_one_warning(monkeypat
     assert "no working C++ compiler found); training without it" in log.getvalue()
 
 
+def test_a_compile_failure_is_told_by_the_error_inductor_wrapped():
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def inductor():
+        pass
+    e = BackendCompilerFailed(inductor, ValueError("Cannot view a tensor with shape [4, 12, 513, 64]\nmore"), None)
+    assert L.compile_error(e) == "BackendCompilerFailed: ValueError: Cannot view a tensor with shape [4, 12, 513, 64]"
+    assert L.compile_error(RuntimeError("\nno C++ compiler\nat all")) == "RuntimeError: no C++ compiler"
+
+
 def test_threads_default_to_physical_cores_not_hyperthreads(monkeypatch):
     siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}  # 2 cores, 2 hyperthreads each
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
