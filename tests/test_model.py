@@ -93,7 +93,7 @@ def test_blocked_cpu_attention_equals_sdpa_values_and_gradients(T):
         theirs = [t.detach().clone().requires_grad_() for t in inputs]
         given = [t.detach().clone() for t in ours]
         out = CausalAttentionCPU.apply(*ours)
-        assert all(torch.equal(mine, t) for mine, t in zip(ours, given))  # q is scaled in a copy, not in place
+        assert all(torch.equal(mine, t) for mine, t in zip(ours, given))  # inputs left as they were
         ref = F.scaled_dot_product_attention(*theirs, is_causal=True)
         out.backward(g.to(dtype))
         ref.backward(g)
