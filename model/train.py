@@ -110,7 +110,7 @@ def keep_freed_memory():
     finally:
         # Any mallopt turns glibc's sliding mmap threshold off for good, so its defaults cannot come back: with
         # the 128 KB start value fixed, every tensor of 128 KB or more would be mmapped and faulted in afresh
-        # (a GPT-2 small attention layer's forward + backward, after a train() in the same process: 121-127 ms
+        # (a GPT-2 small attention layer's forward + backward in the state the old exit here left: 121-127 ms
         # against 72-74). Set what the sliding threshold reaches once a 32 MB block has been freed instead.
         libc.mallopt(M_MMAP_MAX, 65536)
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
