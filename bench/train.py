@@ -17,7 +17,7 @@ Trainers, each taking the same batches: forward, backward, gradient norm clipped
   plain    a textbook GPT-2 written below: nn.Linear, SDPA, tied weights, full logits, F.cross_entropy,
            torch.optim.AdamW
   project-mkl  (only when named in --trainers) the project with model/matmul.py's oneDNN products off: what
-           they are worth, in the same run
+           they are worth, in the same run (on a CPU where they are off by default, the project itself)
 
 Each round runs `steps` steps of every trainer, in an order that rotates, so a machine that slows down (other
 jobs, heat) slows all of them; tokens/s is the median over rounds. MFU = 6 N tokens/s / peak (N: parameters
@@ -33,7 +33,6 @@ trainer's parameters and optimizer state.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import os
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.device import DTYPES, autocast, cpu_bf16_reported, disable_cudnn_attention  # noqa: E402
+from model.device import DTYPES, autocast, cpu_bf16_reported, cpuinfo, disable_cudnn_attention  # noqa: E402
 from model.hf import hf_config  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model import matmul  # noqa: E402
@@ -331,15 +330,9 @@ def native_dtypes(device, peaks) -> dict[str, str]:
 def machine_line(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    model = platform.processor() or platform.machine()
-    flags = set()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    info = cpuinfo()
+    model = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16") if f in flags]
     env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
            if k in os.environ}

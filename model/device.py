@@ -87,6 +87,20 @@ class Precision:
         return {"dtype": self.dtype, "asked": self.asked, "reason": self.reason}
 
 
+@functools.cache
+def cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (vendor_id, model name, flags, ...); {} where there is none."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the end of the first CPU's block
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_bf16_reported() -> bool:
     """Does torch (oneDNN) report native bfloat16 matmuls on this CPU? Honours ONEDNN_MAX_CPU_ISA."""
     try:

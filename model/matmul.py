@@ -1,17 +1,17 @@
 """Float32 matmuls on a CPU through oneDNN, where torch's own go through MKL.
 
 torch multiplies float32 matrices on a CPU with MKL's sgemm. oneDNN (bundled with torch, which uses it for
-bfloat16 and for inference-time fusions) multiplies the same float32 matrices, in float32, faster on the CPUs
-we measured: GPT-2 small's layer shapes ran 1.04-1.08x faster forward and 1.05-1.08x for the input gradient,
-the loss's (4,096 x 768) x (768 x 256) logit blocks 1.12-1.15x (AMD EPYC Zen 4, 2 cores, interleaved medians),
-and GPT-2 small's whole step 1.07x compiled, 1.10x eager (bench/train.py's project-mkl). It is only faster
-with a contiguous left operand (a transposed one is copied first, and loses), so it takes the products whose
-left operand is contiguous: a linear layer's forward x W^T + b and input gradient g W, not its weight
-gradient g^T x (MKL's, as before).
+bfloat16 and for inference-time fusions) multiplies the same float32 matrices, in float32, faster on the AMD
+CPU we measured: GPT-2 small's layer shapes ran 1.04-1.08x faster forward and 1.05-1.08x for the input
+gradient, the loss's (4,096 x 768) x (768 x 256) logit blocks 1.12-1.15x (AMD EPYC Zen 4, 2 cores, interleaved
+medians), and GPT-2 small's whole step 1.07x compiled, 1.10x eager (bench/train.py's project-mkl); on an Intel
+Xeon it was the slower (see ENABLED). It is only faster with a contiguous left operand (a transposed one is
+copied first, and loses), so it takes the products whose left operand is contiguous: a linear layer's forward
+x W^T + b and input gradient g W, not its weight gradient g^T x (MKL's, as before).
 
-On CPUs without AVX-512 only the loss's products take it (see LAYERS). Where oneDNN is missing (a torch built
-without it), on other devices, under autocast and in other dtypes, everything here is torch's own F.linear /
-matmul: the same values up to float32 round-off.
+It is used on AMD CPUs (ENABLED), and on those without AVX-512 only for the loss's products (LAYERS). Where
+oneDNN is missing (a torch built without it), on other devices, under autocast and in other dtypes, everything
+here is torch's own F.linear / matmul: the same values up to float32 round-off.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.device import cpuinfo
 
 
 def _available() -> bool:
@@ -35,11 +37,15 @@ def _avx512() -> bool:
         return False
 
 
-ENABLED = True  # False: MKL everywhere (the bench's project-mkl, and a way out should a oneDNN build misbehave)
+# On AMD CPUs only, where it was measured to pay (above). On an Intel Xeon with AMX (KVM, 2 cores, AVX-512) MKL,
+# Intel's own, was the faster: a large float32 matmul 372-376 against oneDNN's 345-364 GFLOP/s, and GPT-2
+# small's eager step 328 against 304 tok/s with oneDNN (bench/train.py's project-mkl, 2026-12-06).
+# False: MKL everywhere (the bench's project-mkl, and a way out should a oneDNN build misbehave).
+ENABLED = cpuinfo().get("vendor_id") == "AuthenticAMD"
 # The linear layers too, where that was measured to pay: CPUs with AVX-512. Under emulated AVX2
 # (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 on the same EPYC) oneDNN's input gradient g W, its weight
 # read transposed, ran 0.72-0.89x MKL's, the small layers of the default model 0.81-0.96x, and GPT-2 small's
-# step 0.94x eager; the loss's products still won there (1.09-1.30x), so the loss keeps them on every CPU.
+# step 0.94x eager; the loss's products still won there (1.09-1.30x), so the loss keeps them on AMD CPUs of both kinds.
 LAYERS = _avx512()
 AVAILABLE = _available()
 

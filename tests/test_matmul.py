@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model import loss as L, matmul as M
+from model.device import cpuinfo
 from model.gpt import GPT
 from pipeline.config import Architecture
 
@@ -30,18 +31,29 @@ def onednn_on(monkeypatch):
 
 
 @pytest.mark.parametrize("capability", ["native", "avx2"])
-def test_onednn_layers_are_on_by_default_on_avx512_cpus_only(capability):
-    """A new process decides from torch's CPU capability: the layers on oneDNN with AVX-512, on MKL on an
-    AVX2-only CPU (emulated here as the bench does, with ATEN_CPU_CAPABILITY); the loss's products on both."""
+def test_onednn_is_on_by_default_on_amd_cpus_and_its_layers_with_avx512_only(capability):
+    """A new process decides from the CPU's vendor (oneDNN on AMD, MKL on Intel and others) and torch's CPU
+    capability: the layers on oneDNN with AVX-512, on MKL on an AVX2-only CPU (emulated here as the bench does,
+    with ATEN_CPU_CAPABILITY); the loss's products on both."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if capability == "avx2":
         env["ATEN_CPU_CAPABILITY"] = "avx2"
     out = subprocess.run([sys.executable, "-c", "import torch, model.matmul as M; "
                           "print(torch.backends.cpu.get_cpu_capability(), M.LAYERS, M.ENABLED)"],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out[1:] == [str(out[0].startswith("AVX512")), "True"]
+    amd = cpuinfo().get("vendor_id") == "AuthenticAMD"
+    assert out[1:] == [str(out[0].startswith("AVX512")), str(amd)]
     if capability == "avx2":
-        assert out == ["AVX2", "False", "True"]
+        assert out == ["AVX2", "False", str(amd)]
+
+
+def test_cpuinfo_reads_the_first_cpus_fields(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2\n\n"
+                 "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    assert cpuinfo(str(f)) == {"processor": "0", "vendor_id": "AuthenticAMD", "model name": "AMD EPYC 9R14",
+                               "flags": "fpu avx2"}
+    assert cpuinfo(str(tmp_path / "missing")) == {}
 
 
 @pytest.fixture
