@@ -45,7 +45,8 @@ ENABLED = cpuinfo().get("vendor_id") == "AuthenticAMD"
 # The linear layers too, where that was measured to pay: CPUs with AVX-512. Under emulated AVX2
 # (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 on the same EPYC) oneDNN's input gradient g W, its weight
 # read transposed, ran 0.72-0.89x MKL's, the small layers of the default model 0.81-0.96x, and GPT-2 small's
-# step 0.94x eager; the loss's products still won there (1.09-1.30x), so the loss keeps them on AMD CPUs of both kinds.
+# step 0.94x eager; the loss's products still won there (1.09-1.30x), so the loss keeps them on AMD CPUs of
+# both kinds.
 LAYERS = _avx512()
 AVAILABLE = _available()
 

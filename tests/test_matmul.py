@@ -34,7 +34,7 @@ def onednn_on(monkeypatch):
 def test_onednn_is_on_by_default_on_amd_cpus_and_its_layers_with_avx512_only(capability):
     """A new process decides from the CPU's vendor (oneDNN on AMD, MKL on Intel and others) and torch's CPU
     capability: the layers on oneDNN with AVX-512, on MKL on an AVX2-only CPU (emulated here as the bench does,
-    with ATEN_CPU_CAPABILITY); the loss's products on both."""
+    with ATEN_CPU_CAPABILITY); the loss's products on AMD CPUs of both kinds."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if capability == "avx2":
         env["ATEN_CPU_CAPABILITY"] = "avx2"
